@@ -1,0 +1,54 @@
+// The peftx._C Python module. Importing it runs the static TORCH_LIBRARY registrations; the
+// functions below report how the library was built and what this CPU can do.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "nf4/nf4_math.h"
+
+namespace {
+
+std::map<std::string, bool> cpu_features() {
+  std::map<std::string, bool> f;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  f["avx2"] = __builtin_cpu_supports("avx2");
+  f["fma"] = __builtin_cpu_supports("fma");
+  f["f16c"] = __builtin_cpu_supports("f16c");
+  f["avx512f"] = __builtin_cpu_supports("avx512f");
+  f["avx512bw"] = __builtin_cpu_supports("avx512bw");
+  f["avx512vl"] = __builtin_cpu_supports("avx512vl");
+  f["avx512vnni"] = __builtin_cpu_supports("avx512vnni");
+  f["avx512bf16"] = __builtin_cpu_supports("avx512bf16");
+#endif
+  return f;
+}
+
+template <size_t N>
+std::vector<float> table(const float (&t)[N]) {
+  return std::vector<float>(t, t + N);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "peftx native kernels (torch ops in the peftx namespace)";
+  m.def("cuda_built", [] {
+#ifdef PEFTX_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether this build compiled and linked the CUDA kernels.");
+  m.def("cuda_archs", [] { return std::string(PEFTX_CUDA_ARCHS); },
+        "The CUDA architectures this build targets (empty without CUDA).");
+  m.def("cpu_features", &cpu_features, "Instruction set extensions of this CPU.");
+  m.def("nf4_code", [] { return table(peftx::nf4::kCode); }, "The NF4 code book (16 fp32).");
+  m.def("nf4_midpoints", [] { return table(peftx::nf4::kMidpoints); },
+        "The NF4 encoder's decision boundaries (15 fp32).");
+  m.def("dynamic_code", [] { return table(peftx::nf4::kDynamicCode); },
+        "bitsandbytes' signed 8-bit dynamic map (256 fp32), the double-quant code book.");
+}

@@ -1,0 +1,196 @@
+// CUDA registration of the NF4 ops: argument checks, the current stream, kernel launches.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "nf4/nf4_checks.h"
+#include "nf4/nf4_cuda.h"
+
+namespace peftx {
+namespace nf4 {
+namespace {
+
+// Rows of x up to which the products run the decode-in-registers GEMV kernels; beyond it they
+// dequantize W and use cuBLAS through at::mm.
+constexpr int64_t kGemvMaxRows = 16;
+
+FloatKind kind_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return FloatKind::f32;
+    case at::kHalf:
+      return FloatKind::f16;
+    case at::kBFloat16:
+      return FloatKind::bf16;
+    default:
+      TORCH_CHECK(false, "peftx nf4: unsupported dtype ", t);
+  }
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void check_finite_absmax(const char* op, const at::Tensor& absmax) {
+  TORCH_CHECK(at::isfinite(absmax).all().item<bool>(), op,
+              ": weight contains NaN or inf; NF4 cannot represent them");
+}
+
+std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& weight, int64_t blocksize) {
+  constexpr const char* op = "nf4_quantize";
+  check_blocksize(op, blocksize);
+  PEFTX_CHECK_DTYPE_FLOAT(op, "weight", weight);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor w = weight.contiguous();
+  const int64_t n = w.numel();
+  at::Tensor packed = at::empty({(n + 1) / 2, 1}, w.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({num_blocks(n, blocksize)}, w.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(launch_nf4_quantize(kind_of(w.scalar_type()), w.const_data_ptr(), n, blocksize,
+                                     packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), stream()));
+  if (n > 0) check_finite_absmax(op, absmax);
+  return {packed, absmax};
+}
+
+at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                               int64_t blocksize, c10::SymIntArrayRef shape_sym, at::ScalarType dtype) {
+  constexpr const char* op = "nf4_dequantize";
+  const auto shape = C10_AS_INTARRAYREF_SLOW(shape_sym);
+  int64_t n = 1;
+  for (int64_t s : shape) {
+    TORCH_CHECK(s >= 0, op, ": shape must be non-negative, got ", shape);
+    n *= s;
+  }
+  check_state(op, packed, absmax, code, blocksize, n);
+  const c10::cuda::CUDAGuard guard(packed.device());
+  const at::Tensor pk = packed.contiguous(), am = absmax.contiguous(), cd = code.contiguous();
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  C10_CUDA_CHECK(launch_nf4_dequantize(kind_of(dtype), pk.const_data_ptr<uint8_t>(),
+                                       am.const_data_ptr<float>(), cd.const_data_ptr<float>(),
+                                       blocksize, n, out.data_ptr(), stream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cuda(const at::Tensor& absmax,
+                                                                       const at::Tensor& code,
+                                                                       int64_t blocksize) {
+  constexpr const char* op = "nf4_double_quantize";
+  PEFTX_CHECK_DTYPE(op, "absmax", absmax, at::kFloat);
+  PEFTX_CHECK_DTYPE(op, "code", code, at::kFloat);
+  TORCH_CHECK(code.numel() == 256, op, ": code must have 256 entries, got ", code.numel());
+  TORCH_CHECK(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
+  TORCH_CHECK(absmax.numel() > 0, op, ": absmax must not be empty");
+  PEFTX_CHECK_SAME_DEVICE(op, "code", code, absmax);
+  const c10::cuda::CUDAGuard guard(absmax.device());
+  at::Tensor offset = absmax.mean();
+  const at::Tensor centered = (absmax - offset).contiguous();
+  const at::Tensor cd = code.contiguous();
+  const int64_t n = centered.numel();
+  at::Tensor q = at::empty({n}, absmax.options().dtype(at::kByte));
+  at::Tensor nested = at::empty({num_blocks(n, blocksize)}, absmax.options());
+  C10_CUDA_CHECK(launch_nf4_double_quantize(centered.const_data_ptr<float>(), n, blocksize,
+                                            cd.const_data_ptr<float>(), q.data_ptr<uint8_t>(),
+                                            nested.data_ptr<float>(), stream()));
+  return {q, nested, offset};
+}
+
+at::Tensor nf4_double_dequantize_cuda(const at::Tensor& qabsmax, const at::Tensor& nested_absmax,
+                                      const at::Tensor& code, const at::Tensor& offset,
+                                      int64_t blocksize) {
+  constexpr const char* op = "nf4_double_dequantize";
+  PEFTX_CHECK_DTYPE(op, "qabsmax", qabsmax, at::kByte);
+  PEFTX_CHECK_DTYPE(op, "nested_absmax", nested_absmax, at::kFloat);
+  PEFTX_CHECK_DTYPE(op, "code", code, at::kFloat);
+  PEFTX_CHECK_DTYPE(op, "offset", offset, at::kFloat);
+  TORCH_CHECK(code.numel() == 256, op, ": code must have 256 entries, got ", code.numel());
+  TORCH_CHECK(offset.numel() == 1, op, ": offset must hold one value, got ", offset.numel());
+  TORCH_CHECK(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
+  const int64_t n = qabsmax.numel();
+  TORCH_CHECK(nested_absmax.numel() == num_blocks(n, blocksize), op, ": nested_absmax must hold ",
+              num_blocks(n, blocksize), " blocks for ", n, " codes at blocksize ", blocksize, ", got ",
+              nested_absmax.numel());
+  PEFTX_CHECK_SAME_DEVICE(op, "nested_absmax", nested_absmax, qabsmax);
+  PEFTX_CHECK_SAME_DEVICE(op, "code", code, qabsmax);
+  PEFTX_CHECK_SAME_DEVICE(op, "offset", offset, qabsmax);
+  const c10::cuda::CUDAGuard guard(qabsmax.device());
+  const at::Tensor q = qabsmax.contiguous(), na = nested_absmax.contiguous(), cd = code.contiguous();
+  const at::Tensor off = offset.reshape({1}).contiguous();
+  at::Tensor out = at::empty({n}, nested_absmax.options());
+  C10_CUDA_CHECK(launch_nf4_double_dequantize(q.const_data_ptr<uint8_t>(), na.const_data_ptr<float>(),
+                                              cd.const_data_ptr<float>(), off.const_data_ptr<float>(),
+                                              blocksize, n, out.data_ptr<float>(), stream()));
+  return out;
+}
+
+at::Tensor nf4_matmul_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           const at::Tensor& code, int64_t blocksize, int64_t out_features,
+                           const c10::optional<at::Tensor>& bias) {
+  constexpr const char* op = "nf4_matmul";
+  TORCH_CHECK(out_features >= 0, op, ": out_features must be non-negative, got ", out_features);
+  const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
+  const at::Tensor x2 = check_matmul_input(op, "x", x, K, packed);
+  check_state(op, packed, absmax, code, blocksize, out_features * K);
+  check_bias(op, bias, out_features, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x2.size(0), N = out_features;
+  const at::Tensor pk = packed.contiguous(), am = absmax.contiguous(), cd = code.contiguous();
+  at::Tensor out;
+  if (M <= kGemvMaxRows) {
+    at::Tensor y = at::empty({M, N}, x2.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(launch_nf4_gemv(kind_of(x2.scalar_type()), x2.const_data_ptr(), M, K, N,
+                                   pk.const_data_ptr<uint8_t>(), am.const_data_ptr<float>(),
+                                   cd.const_data_ptr<float>(), blocksize, y.data_ptr<float>(),
+                                   stream()));
+    out = y.to(x2.scalar_type());
+  } else {
+    at::Tensor w = at::empty({N, K}, x2.options());
+    C10_CUDA_CHECK(launch_nf4_dequantize(kind_of(x2.scalar_type()), pk.const_data_ptr<uint8_t>(),
+                                         am.const_data_ptr<float>(), cd.const_data_ptr<float>(),
+                                         blocksize, N * K, w.data_ptr(), stream()));
+    out = at::mm(x2, w.t());
+  }
+  if (bias.has_value()) out.add_(bias->to(out.scalar_type()));
+  return out.reshape(leading_shape(x, N));
+}
+
+at::Tensor nf4_matmul_t_cuda(const at::Tensor& grad, const at::Tensor& packed, const at::Tensor& absmax,
+                             const at::Tensor& code, int64_t blocksize, int64_t in_features) {
+  constexpr const char* op = "nf4_matmul_t";
+  TORCH_CHECK(in_features >= 0, op, ": in_features must be non-negative, got ", in_features);
+  const int64_t N = grad.dim() >= 1 ? grad.size(-1) : 0;
+  const at::Tensor g2 = check_matmul_input(op, "grad", grad, N, packed);
+  check_state(op, packed, absmax, code, blocksize, N * in_features);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t M = g2.size(0), K = in_features;
+  const at::Tensor pk = packed.contiguous(), am = absmax.contiguous(), cd = code.contiguous();
+  at::Tensor out;
+  if (M <= kGemvMaxRows) {
+    at::Tensor dx = at::empty({M, K}, g2.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(launch_nf4_gemv_t(kind_of(g2.scalar_type()), g2.const_data_ptr(), M, N, K,
+                                     pk.const_data_ptr<uint8_t>(), am.const_data_ptr<float>(),
+                                     cd.const_data_ptr<float>(), blocksize, dx.data_ptr<float>(),
+                                     stream()));
+    out = dx.to(g2.scalar_type());
+  } else {
+    at::Tensor w = at::empty({N, K}, g2.options());
+    C10_CUDA_CHECK(launch_nf4_dequantize(kind_of(g2.scalar_type()), pk.const_data_ptr<uint8_t>(),
+                                         am.const_data_ptr<float>(), cd.const_data_ptr<float>(),
+                                         blocksize, N * K, w.data_ptr(), stream()));
+    out = at::mm(g2, w);
+  }
+  return out.reshape(leading_shape(grad, K));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peftx, CUDA, m) {
+  m.impl("nf4_quantize", &nf4_quantize_cuda);
+  m.impl("nf4_dequantize", &nf4_dequantize_cuda);
+  m.impl("nf4_double_quantize", &nf4_double_quantize_cuda);
+  m.impl("nf4_double_dequantize", &nf4_double_dequantize_cuda);
+  m.impl("nf4_matmul", &nf4_matmul_cuda);
+  m.impl("nf4_matmul_t", &nf4_matmul_t_cuda);
+}
+
+}  // namespace nf4
+}  // namespace peftx

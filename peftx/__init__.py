@@ -1,0 +1,1 @@
+from peftx import _native  # noqa: F401
