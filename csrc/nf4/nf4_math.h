@@ -209,23 +209,30 @@ PEFTX_HD void dequantize_byte(int64_t i, const uint8_t* __restrict__ packed,
 
 // --- Double quantization: 8-bit blockwise quantization with a sorted 256-entry code book. ---
 
-// Index of the code nearest to v; on a tie the lower index (bitsandbytes' CPU kernel: binary
-// search for the last code <= v, then step right only when strictly closer).
-PEFTX_HD uint8_t nearest_code8(float v, const float* __restrict__ code) {
-  int lo = 0, hi = 255;  // invariant: code[lo] <= v or lo == 0; v < code[hi + 1]
+// bitsandbytes 0.50's CPU 8-bit blockwise quantizer (what quantize_4bit's double quantization
+// runs on CPU), reproduced exactly: the scaled value t in [-1, 1] is first snapped to a 16-bit grid,
+//   c = trunc(fma((t + 1) * 0.5, 65535, 0.5)),   v_c = (c + c) / 65535 - 1   (fp32 throughout),
+// and the code index is the number of code midpoints (code[i] + code[i+1]) * 0.5 below v_c (its
+// precomputed 65536-entry table). So the index is the nearest code to v_c, not always to t.
+PEFTX_HD uint8_t encode8(float t, const float* __restrict__ code) {
+#if defined(__CUDA_ARCH__)
+  const float g = __fmaf_rn(mul_rn(add_rn(t, 1.0f), 0.5f), 65535.0f, 0.5f);
+#else
+  const float g = __builtin_fmaf(mul_rn(add_rn(t, 1.0f), 0.5f), 65535.0f, 0.5f);
+#endif
+  const int c = static_cast<int>(g) & 0xffff;
+  const float fc = static_cast<float>(c);
+  const float v = add_rn(div_rn(add_rn(fc, fc), 65535.0f), -1.0f);
+  int lo = 0, hi = 255;  // count of midpoints < v lies in [lo, hi]
   while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (code[mid] <= v) lo = mid; else hi = mid - 1;
-  }
-  if (lo < 255) {
-    const float dl = v - code[lo];
-    const float dr = v - code[lo + 1];
-    if ((dr < 0.0f ? -dr : dr) < (dl < 0.0f ? -dl : dl)) ++lo;
+    const int mid = (lo + hi) >> 1;
+    if (mul_rn(add_rn(code[mid], code[mid + 1]), 0.5f) < v) lo = mid + 1; else hi = mid;
   }
   return static_cast<uint8_t>(lo);
 }
 
-// Thread `block` of the 8-bit quantize kernel (one thread per nested block of x).
+// Thread `block` of the 8-bit quantize kernel (one thread per nested block of x). An all-zero
+// block stores absmax 0 and codes 0, as bitsandbytes does.
 PEFTX_HD void quantize8_block(int64_t block, const float* __restrict__ x, int64_t n,
                               int64_t blocksize, const float* __restrict__ code,
                               uint8_t* __restrict__ q, float* __restrict__ absmax) {
@@ -237,12 +244,9 @@ PEFTX_HD void quantize8_block(int64_t block, const float* __restrict__ x, int64_
     if (m > amax) amax = m;
   }
   absmax[block] = amax;
-  for (int64_t j = begin; j < end; ++j) {
-    // An all-zero block has nothing to scale: every value is exactly 0, which decodes exactly
-    // through the code book's 0 entry whatever the scale.
-    const float v = amax > 0.0f ? div_rn(x[j], amax) : 0.0f;
-    q[j] = nearest_code8(v, code);
-  }
+  const float inv = amax > 0.0f ? div_rn(1.0f, amax) : 0.0f;
+  for (int64_t j = begin; j < end; ++j)
+    q[j] = amax > 0.0f ? encode8(clamp_unit(mul_rn(x[j], inv)), code) : 0;
 }
 
 // Element j of a double-quantized absmax vector (thread j of the absmax decode kernel).

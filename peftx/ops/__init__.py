@@ -1,0 +1,1 @@
+"""peftx ops: typed wrappers over the torch.ops.peftx custom ops (see csrc/registration.cpp)."""

@@ -1,0 +1,94 @@
+"""Pure-torch twins (``*_ref``) of the peftx ops: the definition each kernel is tested against and the
+fallback where no kernel applies. They follow bitsandbytes 0.50's definitions of the NF4 format."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from peftx._native import _C
+
+NF4_CODE = torch.tensor(_C.nf4_code(), dtype=torch.float32)
+NF4_MIDPOINTS = torch.tensor(_C.nf4_midpoints(), dtype=torch.float32)
+DYNAMIC_CODE = torch.tensor(_C.dynamic_code(), dtype=torch.float32)
+
+
+def nf4_quantize_ref(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise NF4 over the flattened tensor -> (packed uint8 [ceil(n/2), 1], absmax fp32)."""
+    flat = weight.reshape(-1).float()
+    n = flat.numel()
+    rem = n % blocksize
+    full = n - rem
+    blocks = flat[:full].reshape(-1, blocksize)
+    absmax = blocks.abs().amax(dim=-1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if rem:
+        tail_max = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max.view(1)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
+    if n % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    q = torch.bucketize(scaled, NF4_MIDPOINTS.to(scaled.device)).to(torch.uint8)
+    packed = ((q[::2] << 4) | q[1::2]).unsqueeze(1)
+    return packed, absmax
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    flat = packed.reshape(-1)
+    out = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)
+    return out[:n].long()
+
+
+def nf4_dequantize_ref(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                       shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    values = code[unpack_nibbles(packed, n)]
+    scales = absmax.repeat_interleave(blocksize)[:n]
+    return (values * scales).to(dtype).reshape(shape)
+
+
+def nf4_double_quantize_ref(absmax: torch.Tensor, code: torch.Tensor,
+                            blocksize: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8-bit blockwise codes of (absmax - mean), as bitsandbytes 0.50's CPU quantizer computes them:
+    t = x / blockmax snapped to a 16-bit grid, then the code whose midpoint interval holds it."""
+    offset = absmax.mean()
+    x = absmax - offset
+    n = x.numel()
+    pad = (-n) % blocksize
+    blocks = torch.nn.functional.pad(x, (0, pad)).reshape(-1, blocksize)
+    nested = blocks.abs().amax(dim=-1)
+    inv = torch.where(nested > 0, 1.0 / nested, torch.zeros_like(nested))
+    t = torch.clamp(blocks * inv.view(-1, 1), -1, 1)
+    u = (t + 1.0) * 0.5
+    # fma(u, 65535, 0.5) in fp32: the float64 product and sum are exact, so one rounding to fp32.
+    c = (u.double() * 65535.0 + 0.5).float().trunc()
+    v = (c + c) / 65535.0 - 1.0
+    mids = (code[:-1] + code[1:]) * 0.5
+    q = torch.searchsorted(mids, v.reshape(-1).contiguous(), side="left").reshape(blocks.shape)
+    q = torch.where(nested.view(-1, 1) > 0, q, torch.zeros_like(q))
+    return q.reshape(-1)[:n].to(torch.uint8), nested, offset
+
+
+def nf4_double_dequantize_ref(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, code: torch.Tensor,
+                              offset: torch.Tensor, blocksize: int) -> torch.Tensor:
+    n = qabsmax.numel()
+    return code[qabsmax.long()] * nested_absmax.repeat_interleave(blocksize)[:n] + offset.reshape(())
+
+
+def nf4_matmul_ref(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                   blocksize: int, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T (+ bias), computed in fp32 and returned in x's dtype."""
+    w = nf4_dequantize_ref(packed, absmax, code, blocksize, (out_features, x.shape[-1]), torch.float32)
+    y = x.float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def nf4_matmul_t_ref(grad: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                     blocksize: int, in_features: int) -> torch.Tensor:
+    w = nf4_dequantize_ref(packed, absmax, code, blocksize, (grad.shape[-1], in_features), torch.float32)
+    return (grad.float() @ w).to(grad.dtype)
