@@ -1,0 +1,1 @@
+"""python -m peftx.bench: side-by-side benchmarks against the anchors."""

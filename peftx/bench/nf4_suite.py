@@ -1,0 +1,104 @@
+"""The nf4 suite: quantize, dequantize and nf4_matmul on a 4096 x 4096 weight at M = 1, 16, 512 in
+bf16 and fp32, against dense torch and bitsandbytes (matmul_4bit, and its eval-mode Linear4bit),
+all in the same process with interleaved runs. At M = 1 every candidate rotates over 16 distinct
+weights so none sits in the 32 MiB L3."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import warnings
+
+import torch
+
+import peftx
+from peftx.bench.timing import interleaved
+
+log = logging.getLogger(__name__)
+N = K = 4096
+ROTATE = 16
+
+
+def _bnb():
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as F
+    except ImportError:
+        warnings.warn("bitsandbytes is not installed: its columns are skipped", stacklevel=2)
+        return None, None
+    return bnb, F
+
+
+def _cycle(items):
+    it = itertools.cycle(items)
+    return lambda: next(it)
+
+
+def run(quick: bool, progress) -> list[dict]:
+    bnb, F = _bnb()
+    rows = []
+    repeats = 5 if quick else 15
+    torch.manual_seed(0)
+    w32 = torch.randn(N, K)
+
+    # quantize / dequantize
+    for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32):
+        w = w32.to(dtype)
+        q = peftx.nf4_quantize(w)
+        fns = {"peftx": lambda: peftx.nf4_quantize(w)}
+        if bnb:
+            fns["bitsandbytes"] = lambda: F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        rows.append(_row("quantize", dtype, None, interleaved(fns, repeats), "bitsandbytes"))
+        progress()
+        fns = {"peftx": lambda: q.dequantize()}
+        if bnb:
+            p, st = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+            fns["bitsandbytes"] = lambda: F.dequantize_4bit(p, st)
+        rows.append(_row("dequantize", dtype, None, interleaved(fns, repeats), "bitsandbytes"))
+        progress()
+
+    # matmul
+    weights = [torch.randn(N, K) for _ in range(ROTATE)]
+    for dtype in (torch.bfloat16, torch.float32):
+        dense = [w.to(dtype) for w in weights]
+        ours = [peftx.nf4_quantize(w) for w in dense]
+        theirs = []
+        if bnb:
+            for w in dense:
+                lin = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=dtype, quant_type="nf4")
+                lin.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
+                theirs.append(lin.to("cpu").eval())
+        for M in (1, 16, 512):
+            x = torch.randn(M, K).to(dtype)
+            k = ROTATE if M == 1 else 1
+            d, o, t = _cycle(dense[:k]), _cycle(ours[:k]), _cycle(theirs[:k]) if theirs else None
+            fns = {"dense torch": lambda: x @ d().T, "peftx": lambda: peftx.nf4_matmul(x, o())}
+            if theirs:
+                fns["bnb matmul_4bit"] = lambda: (lambda m: bnb.matmul_4bit(x, m.weight.t(), quant_state=m.weight.quant_state))(t())
+                with torch.no_grad():
+                    for m in theirs[:k]:
+                        m(x)  # the eval path repacks on first use: not timed
+                fns["bnb Linear4bit eval"] = lambda: _no_grad(t(), x)
+            with torch.no_grad():
+                rows.append(_row("nf4_matmul", dtype, M, interleaved(fns, repeats), "dense torch",
+                                 bytes_read=ours[0].packed.numel() + ours[0].absmax.numel() if M == 1 else None))
+            progress()
+    return rows
+
+
+def _no_grad(m, x):
+    with torch.no_grad():
+        return m(x)
+
+
+def _row(op, dtype, M, timings, anchor, bytes_read=None):
+    base = timings.get(anchor) or timings["peftx"]
+    row = {"op": op, "dtype": str(dtype).removeprefix("torch."), "M": M, "shape": f"{N}x{K}", "results": {}}
+    for name, t in timings.items():
+        r = {"median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms, "spread": t.spread,
+             "x_vs_" + anchor.replace(" ", "_"): t.median_ms / base.median_ms}
+        if bytes_read and name == "peftx":
+            r["GBps"] = bytes_read / (t.median_ms * 1e-3) / 1e9
+        row["results"][name] = r
+    row["anchor"] = anchor
+    return row
