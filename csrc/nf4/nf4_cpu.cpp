@@ -85,12 +85,7 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cpu(const at::Tensor& absmax,
                                                                       const at::Tensor& code,
                                                                       int64_t blocksize) {
-  constexpr const char* op = "nf4_double_quantize";
-  PEFTX_CHECK_DTYPE(op, "absmax", absmax, at::kFloat);
-  PEFTX_CHECK_DTYPE(op, "code", code, at::kFloat);
-  TORCH_CHECK(code.numel() == 256, op, ": code must have 256 entries, got ", code.numel());
-  TORCH_CHECK(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
-  TORCH_CHECK(absmax.numel() > 0, op, ": absmax must not be empty");
+  check_double_quantize(absmax, code, blocksize);
   // bitsandbytes: offset = absmax.mean(); quantize_blockwise(absmax - offset). The same torch ops
   // give the same fp32 offset and differences.
   at::Tensor offset = absmax.mean();
@@ -113,18 +108,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cpu(const at:
 at::Tensor nf4_double_dequantize_cpu(const at::Tensor& qabsmax, const at::Tensor& nested_absmax,
                                      const at::Tensor& code, const at::Tensor& offset,
                                      int64_t blocksize) {
-  constexpr const char* op = "nf4_double_dequantize";
-  PEFTX_CHECK_DTYPE(op, "qabsmax", qabsmax, at::kByte);
-  PEFTX_CHECK_DTYPE(op, "nested_absmax", nested_absmax, at::kFloat);
-  PEFTX_CHECK_DTYPE(op, "code", code, at::kFloat);
-  PEFTX_CHECK_DTYPE(op, "offset", offset, at::kFloat);
-  TORCH_CHECK(code.numel() == 256, op, ": code must have 256 entries, got ", code.numel());
-  TORCH_CHECK(offset.numel() == 1, op, ": offset must hold one value, got ", offset.numel());
-  TORCH_CHECK(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
+  check_double_dequantize(qabsmax, nested_absmax, code, offset, blocksize);
   const int64_t n = qabsmax.numel();
-  TORCH_CHECK(nested_absmax.numel() == num_blocks(n, blocksize), op, ": nested_absmax must hold ",
-              num_blocks(n, blocksize), " blocks for ", n, " codes at blocksize ", blocksize, ", got ",
-              nested_absmax.numel());
   const at::Tensor q = qabsmax.contiguous(), na = nested_absmax.contiguous(), cd = code.contiguous();
   at::Tensor out = at::empty({n}, nested_absmax.options());
   const float off = offset.item<float>();

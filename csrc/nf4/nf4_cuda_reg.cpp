@@ -74,13 +74,7 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absma
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cuda(const at::Tensor& absmax,
                                                                        const at::Tensor& code,
                                                                        int64_t blocksize) {
-  constexpr const char* op = "nf4_double_quantize";
-  PEFTX_CHECK_DTYPE(op, "absmax", absmax, at::kFloat);
-  PEFTX_CHECK_DTYPE(op, "code", code, at::kFloat);
-  TORCH_CHECK(code.numel() == 256, op, ": code must have 256 entries, got ", code.numel());
-  TORCH_CHECK(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
-  TORCH_CHECK(absmax.numel() > 0, op, ": absmax must not be empty");
-  PEFTX_CHECK_SAME_DEVICE(op, "code", code, absmax);
+  check_double_quantize(absmax, code, blocksize);
   const c10::cuda::CUDAGuard guard(absmax.device());
   at::Tensor offset = absmax.mean();
   const at::Tensor centered = (absmax - offset).contiguous();
@@ -97,21 +91,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cuda(const at
 at::Tensor nf4_double_dequantize_cuda(const at::Tensor& qabsmax, const at::Tensor& nested_absmax,
                                       const at::Tensor& code, const at::Tensor& offset,
                                       int64_t blocksize) {
-  constexpr const char* op = "nf4_double_dequantize";
-  PEFTX_CHECK_DTYPE(op, "qabsmax", qabsmax, at::kByte);
-  PEFTX_CHECK_DTYPE(op, "nested_absmax", nested_absmax, at::kFloat);
-  PEFTX_CHECK_DTYPE(op, "code", code, at::kFloat);
-  PEFTX_CHECK_DTYPE(op, "offset", offset, at::kFloat);
-  TORCH_CHECK(code.numel() == 256, op, ": code must have 256 entries, got ", code.numel());
-  TORCH_CHECK(offset.numel() == 1, op, ": offset must hold one value, got ", offset.numel());
-  TORCH_CHECK(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
+  check_double_dequantize(qabsmax, nested_absmax, code, offset, blocksize);
   const int64_t n = qabsmax.numel();
-  TORCH_CHECK(nested_absmax.numel() == num_blocks(n, blocksize), op, ": nested_absmax must hold ",
-              num_blocks(n, blocksize), " blocks for ", n, " codes at blocksize ", blocksize, ", got ",
-              nested_absmax.numel());
-  PEFTX_CHECK_SAME_DEVICE(op, "nested_absmax", nested_absmax, qabsmax);
-  PEFTX_CHECK_SAME_DEVICE(op, "code", code, qabsmax);
-  PEFTX_CHECK_SAME_DEVICE(op, "offset", offset, qabsmax);
   const c10::cuda::CUDAGuard guard(qabsmax.device());
   const at::Tensor q = qabsmax.contiguous(), na = nested_absmax.contiguous(), cd = code.contiguous();
   const at::Tensor off = offset.reshape({1}).contiguous();
