@@ -24,6 +24,26 @@ TORCH_LIBRARY(peftx, m) {
   m.def(
       "nf4_matmul_t(Tensor grad, Tensor packed, Tensor absmax, Tensor code, int blocksize, int "
       "in_features) -> Tensor");
+
+  // LoRA over a frozen base: y = x W^T + bias + scaling * dropout(x) A^T B^T for x [..., in],
+  // W [out, in] dense (absmax, code absent) or NF4 (weight = packed bytes; absmax, code, blocksize
+  // as above), lora_A [r, in], lora_B [out, r]. Returns y and u = dropout(x) A^T [tokens, r], which
+  // the backward needs. The dropout mask is a function of `seed` (csrc/lora/lora_math.h).
+  m.def(
+      "lora_linear_fwd(Tensor x, Tensor weight, Tensor? absmax, Tensor? code, int blocksize, Tensor? "
+      "bias, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, int seed) -> (Tensor out, Tensor "
+      "u)");
+  // Gradients of lora_linear_fwd for grad [..., out]: dx (the base path included; empty unless
+  // need_dx), d lora_A [r, in], d lora_B [out, r]. The mask is regenerated from `seed`.
+  m.def(
+      "lora_linear_bwd(Tensor grad, Tensor x, Tensor u, Tensor weight, Tensor? absmax, Tensor? code, int "
+      "blocksize, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, int seed, bool need_dx) -> "
+      "(Tensor dx, Tensor d_lora_A, Tensor d_lora_B)");
+  // Mixed-adapter batch: y[m] = base_out[m] + scalings[a] * x[m] A[a]^T B[a]^T with a = adapter_ids[m]
+  // (-1: base_out only). lora_A [n, r, in], lora_B [n, out, r] (ranks padded with zeros to r).
+  m.def(
+      "lora_multi_fwd(Tensor x, Tensor base_out, Tensor lora_A, Tensor lora_B, Tensor scalings, Tensor "
+      "adapter_ids) -> Tensor");
 }
 
 // Test-only: the CUDA kernels' per-thread functions run over their whole emulated grid on the CPU

@@ -92,3 +92,71 @@ def nf4_matmul_t_ref(grad: torch.Tensor, packed: torch.Tensor, absmax: torch.Ten
                      blocksize: int, in_features: int) -> torch.Tensor:
     w = nf4_dequantize_ref(packed, absmax, code, blocksize, (grad.shape[-1], in_features), torch.float32)
     return (grad.float() @ w).to(grad.dtype)
+
+
+# --- LoRA ---------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def philox4x32_10_ref(c: Sequence[torch.Tensor], key: tuple[int, int]) -> list[torch.Tensor]:
+    """Philox4x32-10 on int64 tensors holding uint32 values (counter words c0..c3, key k0, k1)."""
+    c0, c1, c2, c3 = (t & _M32 for t in c)
+    k0, k1 = key
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+        p0 = c0 * 0xD2511F53  # wraps in int64; the low 64 bits stay exact
+        p1 = c2 * 0xCD9E8D57
+        hi0, lo0 = (p0 >> 32) & _M32, p0 & _M32
+        hi1, lo1 = (p1 >> 32) & _M32, p1 & _M32
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return [c0, c1, c2, c3]
+
+
+def dropout_keep_ref(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+    """The LoRA dropout mask (True = kept) of a [rows, cols] input: element e keeps iff word e % 4 of
+    Philox4x32-10(counter = e // 4, key = seed) is >= floor(p * 2^32)."""
+    n = rows * cols
+    q = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(q)
+    words = philox4x32_10_ref([q & _M32, q >> 32, zero, zero], (seed & _M32, (seed >> 32) & _M32))
+    flat = torch.stack(words, dim=1).reshape(-1)[:n]
+    threshold = min(int(p * 4294967296.0), _M32)
+    return (flat >= threshold).reshape(rows, cols)
+
+
+def lora_dropout_ref(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """D(x) for x [..., K], computed in fp32 (fp64 for fp64 x) and rounded to x's dtype once."""
+    if p == 0.0:
+        return x
+    x2 = x.reshape(-1, x.shape[-1])
+    keep = dropout_keep_ref(seed, x2.shape[0], x2.shape[1], p, x.device)
+    if x.dtype == torch.float64:
+        scale = 1.0 / (1.0 - p)
+        return torch.where(keep, x2 * scale, 0.0).reshape(x.shape)
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32).item()
+    return torch.where(keep, x2.float() * scale, 0.0).to(x.dtype).reshape(x.shape)
+
+
+def lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                    lora_B: torch.Tensor, scaling: float, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """``x W^T + b + scaling * D(x) A^T B^T`` in fp32 (fp64 for fp64 inputs), W dense [N, K]."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xd = lora_dropout_ref(x, dropout_p, seed).to(acc)
+    y = x.to(acc) @ weight.to(acc).t() + scaling * (xd @ lora_A.to(acc).t()) @ lora_B.to(acc).t()
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y
+
+
+def lora_multi_ref(x: torch.Tensor, base_out: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                   scalings: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
+    """``base_out[m] + scalings[a] * x[m] A[a]^T B[a]^T`` per row (a = adapter_ids[m], -1: none), fp32."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    y = base_out.reshape(x2.shape[0], -1).float().clone()
+    for a in range(lora_A.shape[0]):
+        rows = (adapter_ids == a).nonzero().flatten()
+        if rows.numel():
+            y[rows] += scalings[a].float() * (x2[rows] @ lora_A[a].float().t()) @ lora_B[a].float().t()
+    return y.reshape(base_out.shape)

@@ -1,0 +1,45 @@
+// The frozen base product under a LoRA layer and the argument checks of the LoRA ops, shared by the
+// CPU and CUDA registrations (device-generic: at:: calls and the peftx::nf4_* ops through the
+// dispatcher, so each device runs its own kernels).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace peftx {
+namespace lora {
+
+// The base weight of a LoRA layer: dense [out, in] (absmax undefined) or NF4 (weight = packed
+// uint8 bytes, absmax fp32 per block, code [16]).
+struct BaseWeight {
+  const at::Tensor& weight;
+  const c10::optional<at::Tensor>& absmax;
+  const c10::optional<at::Tensor>& code;
+  int64_t blocksize;
+  bool is_nf4() const { return absmax.has_value(); }
+};
+
+// Checks x [..., in], A [r, in], B [out, r], the base weight against them and the dropout
+// probability (float64 x only where allow_double); returns x as a contiguous [tokens, in] tensor.
+at::Tensor check_lora_args(const char* op, const at::Tensor& x, const BaseWeight& base,
+                           const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                           const at::Tensor& lora_B, double dropout_p, bool allow_double = false);
+
+// Checks the mixed-adapter arguments: x [..., K], base_out [..., N], lora_A [n, R, K],
+// lora_B [n, N, R], scalings fp32 [n], adapter_ids int64 [tokens] in [-1, n). Returns x as a
+// contiguous [tokens, K] tensor.
+at::Tensor check_multi_args(const char* op, const at::Tensor& x, const at::Tensor& base_out,
+                            const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scalings,
+                            const at::Tensor& adapter_ids);
+
+// y = x2 W^T + bias  ([tokens, out], x2's dtype).
+at::Tensor base_forward(const at::Tensor& x2, const BaseWeight& base, int64_t out_features,
+                        const c10::optional<at::Tensor>& bias);
+
+// dx = g2 W  ([tokens, in], g2's dtype): the input gradient of the frozen base product.
+at::Tensor base_input_grad(const at::Tensor& g2, const BaseWeight& base, int64_t in_features);
+
+// Shape of the output for x [..., in] and `features` output columns.
+std::vector<int64_t> leading_shape_with(const at::Tensor& x, int64_t features);
+
+}  // namespace lora
+}  // namespace peftx

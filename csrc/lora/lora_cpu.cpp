@@ -1,0 +1,161 @@
+// CPU kernels of the LoRA ops. The low-rank products run through at::mm; what is fused here is the
+// dropout: its mask is regenerated from the seed chunk by chunk (lora_math.h), so neither the
+// forward nor the backward ever holds a dropped-out copy of the whole input.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "common/checks.h"
+#include "lora/lora_base.h"
+#include "lora/lora_math.h"
+
+namespace peftx {
+namespace lora {
+namespace {
+
+// Elements of x (or of the input gradient) dropped out per chunk: small enough to stay in L2.
+constexpr int64_t kChunkElements = 1 << 15;
+
+// Calls fn(i, keep) for elements e0 .. e0 + n - 1 of the mask, one Philox block per 4 elements.
+template <typename Fn>
+void for_each_keep(const Dropout& d, uint64_t e0, int64_t n, Fn&& fn) {
+  int64_t i = 0;
+  while (i < n) {
+    const uint64_t e = e0 + static_cast<uint64_t>(i);
+    const Philox4 w = dropout_words(d.seed, e >> 2);
+    for (unsigned j = static_cast<unsigned>(e & 3); j < 4 && i < n; ++j, ++i) fn(i, w.v[j] >= d.threshold);
+  }
+}
+
+template <typename scalar_t>
+using opmath = at::opmath_type<scalar_t>;
+
+// Scale a kept element by 1 / (1 - p): fp32 for the 16-bit types and fp32, fp64 for fp64.
+template <typename scalar_t>
+opmath<scalar_t> keep_scale(const Dropout& d, double p) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return 1.0 / (1.0 - p);
+  } else {
+    return d.scale;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& absmax,
+    const c10::optional<at::Tensor>& code, int64_t blocksize, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p, int64_t seed) {
+  constexpr const char* op = "lora_linear_fwd";
+  const BaseWeight base{weight, absmax, code, blocksize};
+  // float64 (for gradcheck) is supported over a dense base.
+  const at::Tensor x2 = check_lora_args(op, x, base, bias, lora_A, lora_B, dropout_p, !base.is_nf4());
+  const int64_t M = x2.size(0), K = x2.size(1), R = lora_A.size(0), N = lora_B.size(0);
+  at::Tensor y = base_forward(x2, base, N, bias);
+  at::Tensor u;
+  if (dropout_p == 0.0 || M == 0) {
+    u = at::mm(x2, lora_A.t());
+  } else {
+    // u = dropout(x) A^T, row chunk by row chunk.
+    u = at::empty({M, R}, x2.options());
+    const Dropout d = make_dropout(static_cast<uint64_t>(seed), dropout_p);
+    const int64_t rows = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(K, 1));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2.scalar_type(), op, [&] {
+      const auto scale = keep_scale<scalar_t>(d, dropout_p);
+      const scalar_t* xp = x2.const_data_ptr<scalar_t>();
+      at::parallel_for(0, M, rows, [&](int64_t b0, int64_t b1) {
+        for (int64_t m0 = b0; m0 < b1; m0 += rows) {
+          const int64_t mc = std::min(rows, b1 - m0);
+          at::Tensor xd = at::empty({mc, K}, x2.options());
+          scalar_t* xdp = xd.data_ptr<scalar_t>();
+          for (int64_t m = m0; m < m0 + mc; ++m) {
+            const scalar_t* xr = xp + m * K;
+            scalar_t* out = xdp + (m - m0) * K;
+            for_each_keep(d, static_cast<uint64_t>(m * K), K, [&](int64_t i, bool keep) {
+              out[i] = keep ? static_cast<scalar_t>(static_cast<opmath<scalar_t>>(xr[i]) * scale) : scalar_t(0);
+            });
+          }
+          at::Tensor u_rows = u.narrow(0, m0, mc);
+          at::mm_out(u_rows, xd, lora_A.t());
+        }
+      });
+    });
+  }
+  if (M > 0) y.addmm_(u, lora_B.t(), 1.0, scaling);
+  return {y.view(leading_shape_with(x, N)), u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& u, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& absmax, const c10::optional<at::Tensor>& code, int64_t blocksize,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p, int64_t seed,
+    bool need_dx) {
+  constexpr const char* op = "lora_linear_bwd";
+  const BaseWeight base{weight, absmax, code, blocksize};
+  const at::Tensor x2 = check_lora_args(op, x, base, c10::nullopt, lora_A, lora_B, dropout_p, !base.is_nf4());
+  const int64_t M = x2.size(0), K = x2.size(1), R = lora_A.size(0), N = lora_B.size(0);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(leading_shape_with(x, N)), op, ": grad must have shape ",
+              at::IntArrayRef(leading_shape_with(x, N)), " (x's leading dimensions, out_features), got ",
+              grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), op, ": grad must have x's dtype ", x.scalar_type(),
+              ", got ", grad.scalar_type());
+  TORCH_CHECK(u.dim() == 2 && u.size(0) == M && u.size(1) == R && u.scalar_type() == x.scalar_type(), op,
+              ": u must be the forward's [", M, ", ", R, "] ", x.scalar_type(), " tensor, got ", u.sizes(), " ",
+              u.scalar_type());
+  const at::Tensor g2 = grad.reshape({-1, N}).contiguous();
+  // Shared by all three gradients: gBs = s g B  [M, R].
+  const at::Tensor gBs = at::mm(g2, lora_B).mul_(scaling);
+  at::Tensor dB = at::mm(g2.t(), u).mul_(scaling);
+  at::Tensor dx = need_dx ? base_input_grad(g2, base, K) : at::empty({0}, x2.options());
+  at::Tensor dA;
+  if (dropout_p == 0.0 || M == 0) {
+    dA = at::mm(gBs.t(), x2);
+    if (need_dx && M > 0) dx.addmm_(gBs, lora_A);
+  } else {
+    // Column chunks of x: dA[:, chunk] = gBs^T dropout(x)[:, chunk]; dx[:, chunk] += mask * (gBs A[:, chunk]).
+    at::Tensor dAT = at::empty({K, R}, x2.options());
+    const Dropout d = make_dropout(static_cast<uint64_t>(seed), dropout_p);
+    const int64_t cols = std::min<int64_t>(K, std::max<int64_t>(16, kChunkElements / M));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2.scalar_type(), op, [&] {
+      using acc_t = opmath<scalar_t>;
+      const auto scale = keep_scale<scalar_t>(d, dropout_p);
+      const scalar_t* xp = x2.const_data_ptr<scalar_t>();
+      scalar_t* dxp = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, K, cols, [&](int64_t b0, int64_t b1) {
+        for (int64_t k0 = b0; k0 < b1; k0 += cols) {
+          const int64_t kc = std::min(cols, b1 - k0);
+          at::Tensor xd = at::empty({M, kc}, x2.options());
+          at::Tensor t = need_dx ? at::mm(gBs, lora_A.narrow(1, k0, kc)) : at::Tensor();
+          scalar_t* xdp = xd.data_ptr<scalar_t>();
+          const scalar_t* tp = need_dx ? t.const_data_ptr<scalar_t>() : nullptr;
+          for (int64_t m = 0; m < M; ++m) {
+            const scalar_t* xr = xp + m * K + k0;
+            scalar_t* xdr = xdp + m * kc;
+            for_each_keep(d, static_cast<uint64_t>(m * K + k0), kc, [&](int64_t i, bool keep) {
+              xdr[i] = keep ? static_cast<scalar_t>(static_cast<acc_t>(xr[i]) * scale) : scalar_t(0);
+              if (dxp != nullptr && keep) {
+                scalar_t& o = dxp[m * K + k0 + i];
+                o = static_cast<scalar_t>(static_cast<acc_t>(o) + static_cast<acc_t>(tp[m * kc + i]) * scale);
+              }
+            });
+          }
+          at::Tensor dA_rows = dAT.narrow(0, k0, kc);
+          at::mm_out(dA_rows, xd.t(), gBs);
+        }
+      });
+    });
+    dA = dAT.t().contiguous();
+  }
+  return {need_dx ? dx.view(x.sizes()) : dx, dA, dB};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peftx, CPU, m) {
+  m.impl("lora_linear_fwd", &lora_linear_fwd_cpu);
+  m.impl("lora_linear_bwd", &lora_linear_bwd_cpu);
+}
+
+}  // namespace lora
+}  // namespace peftx

@@ -1,0 +1,110 @@
+"""Typed wrappers, fakes and autograd of the peftx LoRA ops.
+
+Schemas: csrc/registration.cpp. Kernels: csrc/lora/. Autocast: csrc/lora/lora_autocast.cpp.
+
+Forward, for x [M, K] (leading dimensions flattened), W [N, K] frozen, A [r, K], B [N, r], scaling s
+and the dropout D (mask m regenerated from the seed, D(x) = x * m / (1 - p)):
+
+    u = D(x) A^T                      [M, r]   (saved, with x; never D(x) itself)
+    y = x W^T + b + s u B^T           [M, N]   (the LoRA term is added into the base result)
+
+Backward, for g = dL/dy [M, N]:
+
+    gB = s g B                        [M, r]   (computed once, used by all three below)
+    dB = s g^T u                      [N, r]   (= dL/du^T-free form: y depends on B through s u B^T)
+    dA = gB^T D(x)                    [r, K]   (dL/du = s g B = gB, u = D(x) A^T)
+    dx = g W + D^T(gB A)              [M, K]   (D is linear and self-adjoint: the same mask and scale)
+    db = sum_M g;  dW = g^T x only if the base weight asks for a gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from peftx._native import _C  # noqa: F401  (registers the ops)
+
+ops = torch.ops.peftx
+
+_SEED_BOUND = 2**62
+
+
+def draw_seed() -> int:
+    """A dropout seed from torch's default CPU generator: torch.manual_seed reproduces it and
+    gradient checkpointing (which restores the RNG state) redraws the same one."""
+    return int(torch.randint(0, _SEED_BOUND, (1,), dtype=torch.int64).item())
+
+
+def lora_linear_fwd(x, weight, absmax, code, blocksize, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """``(y, u)``: see the module docstring. ``weight`` is dense [N, K] (absmax, code None) or the
+    packed NF4 bytes (absmax fp32 and code [16] given)."""
+    return ops.lora_linear_fwd(x, weight, absmax, code, blocksize, bias, lora_A, lora_B, float(scaling),
+                               float(dropout_p), int(seed))
+
+
+def lora_linear_bwd(grad, x, u, weight, absmax, code, blocksize, lora_A, lora_B, scaling, dropout_p, seed,
+                    need_dx=True):
+    return ops.lora_linear_bwd(grad, x, u, weight, absmax, code, blocksize, lora_A, lora_B, float(scaling),
+                               float(dropout_p), int(seed), bool(need_dx))
+
+
+def lora_multi_fwd(x, base_out, lora_A, lora_B, scalings, adapter_ids):
+    """``base_out`` plus each row's adapter term; ``adapter_ids`` int64 per row, -1 for the base only."""
+    return ops.lora_multi_fwd(x, base_out, lora_A, lora_B, scalings, adapter_ids)
+
+
+# --- fakes ------------------------------------------------------------------------------------
+
+def _out_features(weight, absmax, lora_B):
+    return lora_B.shape[0]
+
+
+@torch.library.register_fake("peftx::lora_linear_fwd")
+def _(x, weight, absmax, code, blocksize, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    torch._check(x.dim() >= 1, lambda: "lora_linear_fwd: x must have at least 1 dimension")
+    torch._check(lora_A.dim() == 2 and lora_A.shape[1] == x.shape[-1],
+                 lambda: f"lora_linear_fwd: lora_A must have shape [r, {x.shape[-1]}], got {tuple(lora_A.shape)}")
+    torch._check(lora_B.dim() == 2 and lora_B.shape[1] == lora_A.shape[0],
+                 lambda: f"lora_linear_fwd: lora_B must have shape [out_features, r], got {tuple(lora_B.shape)}")
+    tokens = x.numel() // max(x.shape[-1], 1) if x.shape[-1] != 0 else torch.Size(x.shape[:-1]).numel()
+    return (x.new_empty((*x.shape[:-1], lora_B.shape[0])), x.new_empty((tokens, lora_A.shape[0])))
+
+
+@torch.library.register_fake("peftx::lora_linear_bwd")
+def _(grad, x, u, weight, absmax, code, blocksize, lora_A, lora_B, scaling, dropout_p, seed, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+@torch.library.register_fake("peftx::lora_multi_fwd")
+def _(x, base_out, lora_A, lora_B, scalings, adapter_ids):
+    return torch.empty_like(base_out, memory_format=torch.contiguous_format)
+
+
+# --- autograd ---------------------------------------------------------------------------------
+
+def _fwd_setup(ctx, inputs, output):
+    x, weight, absmax, code, blocksize, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    _, u = output
+    ctx.mark_non_differentiable(u)
+    ctx.save_for_backward(x, u, weight, absmax, code, lora_A, lora_B)
+    ctx.args = (blocksize, scaling, dropout_p, seed)
+    ctx.has_bias = bias is not None
+
+
+def _fwd_backward(ctx, grad, _grad_u):
+    x, u, weight, absmax, code, lora_A, lora_B = ctx.saved_tensors
+    blocksize, scaling, dropout_p, seed = ctx.args
+    need = ctx.needs_input_grad
+    if grad is None:
+        return (None,) * 11
+    grad = grad.contiguous()
+    dx, dA, dB = ops.lora_linear_bwd(grad, x, u, weight, absmax, code, blocksize, lora_A, lora_B, scaling,
+                                     dropout_p, seed, need[0])
+    g2 = grad.reshape(-1, grad.shape[-1])
+    dW = g2.t() @ x.reshape(-1, x.shape[-1]) if need[1] and absmax is None else None
+    db = g2.sum(0) if ctx.has_bias and need[5] else None
+    return (dx if need[0] else None, dW, None, None, None, db, dA if need[6] else None,
+            dB if need[7] else None, None, None, None)
+
+
+torch.library.register_autograd("peftx::lora_linear_fwd", _fwd_backward, setup_context=_fwd_setup)
