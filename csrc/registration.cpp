@@ -63,4 +63,9 @@ TORCH_LIBRARY(peftx_emulate, m) {
   m.def(
       "nf4_gemv_t_kernel(Tensor grad, Tensor packed, Tensor absmax, Tensor code, int blocksize, int "
       "in_features) -> Tensor");
+  m.def("lora_dropout_kernel(Tensor x, int seed, float p) -> Tensor");
+  m.def("lora_dropout_axpy_kernel(Tensor t, Tensor dx, int seed, float p) -> Tensor");
+  m.def(
+      "lora_multi_kernel(Tensor x, Tensor base_out, Tensor lora_A, Tensor lora_B, Tensor scalings, Tensor "
+      "adapter_ids) -> Tensor");
 }
