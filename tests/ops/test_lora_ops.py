@@ -1,0 +1,262 @@
+"""peftx LoRA ops against their pure-torch references: the Philox dropout mask, forward and gradients
+over dense and NF4 bases (dtypes x odd shapes x non-contiguous x bias x dropout), gradcheck in float64,
+opcheck, torch.compile, autocast, the mixed-adapter op, the emulated CUDA grids, bad input."""
+
+import pytest
+import torch
+
+import peftx
+from peftx.ops import lora as ops
+from peftx.ops.reference import (dropout_keep_ref, lora_dropout_ref, lora_linear_ref, lora_multi_ref,
+                                 philox4x32_10_ref)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Tolerances against the fp32 reference: the kernels round x, W, A, B products to the dtype at the
+# same points as a dtype-native LoRA layer (u and the LoRA term), so errors are a few ulps of the
+# dtype times sqrt(K) on O(1) data.
+TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=3e-2, rtol=2e-2),
+       torch.bfloat16: dict(atol=2.5e-1, rtol=5e-2)}
+GRAD_TOL = {torch.float32: dict(atol=5e-4, rtol=5e-4), torch.float16: dict(atol=6e-2, rtol=3e-2),
+            torch.bfloat16: dict(atol=5e-1, rtol=8e-2)}
+
+
+def test_philox_known_answers():
+    # Random123's known-answer vectors for philox4x32-10.
+    def run(c, k):
+        return [int(w) for w in philox4x32_10_ref([torch.tensor([v]) for v in c], k)]
+    assert run((0, 0, 0, 0), (0, 0)) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    m = 0xFFFFFFFF
+    assert run((m, m, m, m), (m, m)) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert run((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)) == \
+        [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9])
+def test_dropout_mask_statistics_and_kernel_agreement(p):
+    keep = dropout_keep_ref(7, 300, 333, p)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+    # Rows and columns are not correlated: neighbouring rows agree at the Bernoulli rate.
+    agree = (keep[1:] == keep[:-1]).float().mean().item()
+    assert abs(agree - (p * p + (1 - p) ** 2)) < 0.01
+    # The CUDA per-thread function, run over its grid on the CPU, makes the same mask.
+    ones = torch.ones(300, 333)
+    xd = torch.ops.peftx_emulate.lora_dropout_kernel(ones, 7, p)
+    assert torch.equal(xd != 0, keep)
+    assert torch.equal(xd, lora_dropout_ref(ones, p, 7))
+
+
+def _base(kind, out_f, in_f, dtype, device):
+    w = torch.randn(out_f, in_f, device=device) / in_f ** 0.5
+    if kind == "dense":
+        return dict(weight=w.to(dtype), absmax=None, code=None, blocksize=64), w.to(dtype)
+    q = peftx.nf4_quantize(w, blocksize=64)
+    return dict(weight=q.packed, absmax=q.absmax_fp32(), code=q.code, blocksize=64), q.dequantize(torch.float32)
+
+
+def _call(x, base, bias, A, B, s, p, seed):
+    return ops.lora_linear_fwd(x, base["weight"], base["absmax"], base["code"], base["blocksize"], bias, A, B, s,
+                               p, seed)
+
+
+CASES = [((3, 40), 24, 4), ((2, 3, 123), 41, 8), ((1, 7), 5, 1), ((0, 16), 8, 2), ((37, 96), 130, 16)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,out_f,r", CASES)
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_and_gradients_match_reference(device, dtype, shape, out_f, r, kind, p, bias):
+    in_f = shape[-1]
+    base, w_ref = _base(kind, out_f, in_f, dtype, device)
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    A = (torch.randn(r, in_f, device=device) / in_f ** 0.5).to(dtype).requires_grad_()
+    B = torch.randn(out_f, r, device=device).to(dtype).requires_grad_()
+    b = torch.randn(out_f, device=device, dtype=dtype, requires_grad=True) if bias else None
+    y, u = _call(x, base, b, A, B, 0.7, p, 1234)
+    assert y.shape == (*shape[:-1], out_f) and y.dtype == dtype and u.shape == (x.numel() // in_f, r)
+    ref = lora_linear_ref(x, w_ref, b, A, B, 0.7, p, 1234)
+    torch.testing.assert_close(y.float(), ref, **TOL[dtype])
+    # u is D(x) A^T with the reference mask.
+    torch.testing.assert_close(u.float(), lora_dropout_ref(x.detach(), p, 1234).reshape(-1, in_f).float()
+                               @ A.detach().float().t(), **TOL[dtype])
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, A, B] + ([b] if bias else []), g)
+    xr, Ar, Br = (t.detach().float().requires_grad_() for t in (x, A, B))
+    br = b.detach().float().requires_grad_() if bias else None
+    want = torch.autograd.grad(lora_linear_ref(xr, w_ref.float(), br, Ar, Br, 0.7, p, 1234),
+                               [xr, Ar, Br] + ([br] if bias else []), g.float())
+    for got_t, want_t in zip(got, want):
+        assert got_t.dtype == dtype
+        torch.testing.assert_close(got_t.float(), want_t, **GRAD_TOL[dtype])
+
+
+def test_non_contiguous_inputs(device):
+    base, w = _base("dense", 20, 48, torch.float32, device)
+    x = torch.randn(6, 96, device=device)[:, ::2]
+    A = torch.randn(48, 4, device=device).t()
+    B = torch.randn(4, 20, device=device).t()
+    assert not (x.is_contiguous() or A.is_contiguous() or B.is_contiguous())
+    weight = torch.randn(48, 20, device=device).t()
+    base["weight"] = weight
+    for p in (0.0, 0.25):
+        y, _ = _call(x, base, None, A, B, 2.0, p, 99)
+        torch.testing.assert_close(y, lora_linear_ref(x, weight, None, A, B, 2.0, p, 99), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gradcheck_float64(p, bias):
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(7, 9, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True) if bias else None
+
+    def f(x, W, A, B, *b):
+        return ops.lora_linear_fwd(x, W, None, None, 64, b[0] if b else None, A, B, 0.5, p, 42)[0]
+    assert torch.autograd.gradcheck(f, (x, W, A, B) + ((b,) if bias else ()))
+
+
+def test_backward_regenerates_the_forward_mask():
+    # Saved for backward: x and u only. dA = s (g B)^T D(x) needs D's mask again; if backward drew a
+    # different mask dA would not match the reference built from the forward's mask.
+    torch.manual_seed(0)
+    x = torch.randn(64, 200)
+    W = torch.randn(30, 200)
+    A = torch.randn(8, 200, requires_grad=True)
+    B = torch.randn(30, 8, requires_grad=True)
+    y, u = ops.lora_linear_fwd(x, W, None, None, 64, None, A, B, 1.0, 0.5, 2024)
+    y.sum().backward()
+    keep = dropout_keep_ref(2024, 64, 200, 0.5)
+    want_dA = (torch.ones(64, 30) @ B.detach()).t() @ torch.where(keep, x * 2.0, 0.0)
+    torch.testing.assert_close(A.grad, want_dA, atol=1e-3, rtol=1e-4)
+    # A different seed gives a different mask (the seed is really used).
+    _, u2 = ops.lora_linear_fwd(x, W, None, None, 64, None, A, B, 1.0, 0.5, 2025)
+    assert not torch.allclose(u, u2)
+
+
+def test_saved_tensors_are_x_and_u_only():
+    x = torch.randn(32, 64, requires_grad=True)
+    W = torch.randn(48, 64)
+    A = torch.randn(4, 64, requires_grad=True)
+    B = torch.randn(48, 4, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, u = ops.lora_linear_fwd(x, W, None, None, 64, None, A, B, 1.0, 0.1, 5)
+    big = [t for t in saved if t.numel() >= x.numel() and t.data_ptr() not in (x.data_ptr(), W.data_ptr())]
+    assert big == [], f"saved a full-size tensor besides x and W: {[tuple(t.shape) for t in big]}"
+    assert any(t.shape == (32, 4) for t in saved)
+
+
+def test_opcheck(device):
+    x = torch.randn(5, 24, device=device, requires_grad=True)
+    W = torch.randn(12, 24, device=device)
+    A = torch.randn(4, 24, device=device, requires_grad=True)
+    B = torch.randn(12, 4, device=device, requires_grad=True)
+    b = torch.randn(12, device=device, requires_grad=True)
+    q = peftx.nf4_quantize(W)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    f = torch.ops.peftx.lora_linear_fwd.default
+    for p in (0.0, 0.2):
+        torch.library.opcheck(f, (x, W, None, None, 64, b, A, B, 0.5, p, 3), test_utils=tests)
+        torch.library.opcheck(f, (x, q.packed, q.absmax_fp32(), q.code, 64, None, A, B, 0.5, p, 3), test_utils=tests)
+        y, u = f(x, W, None, None, 64, b, A, B, 0.5, p, 3)
+        torch.library.opcheck(torch.ops.peftx.lora_linear_bwd.default,
+                              (torch.randn(5, 12, device=device), x.detach(), u, W, None, None, 64, A.detach(),
+                               B.detach(), 0.5, p, 3, True), test_utils=tests[:3])
+    ids = torch.tensor([0, -1, 1, 1, 0], device=device)
+    torch.library.opcheck(torch.ops.peftx.lora_multi_fwd.default,
+                          (x.detach(), torch.randn(5, 12, device=device), torch.randn(2, 4, 24, device=device),
+                           torch.randn(2, 12, 4, device=device), torch.tensor([0.5, 2.0], device=device), ids),
+                          test_utils=tests[:3])
+
+
+def test_torch_compile_fullgraph(device):
+    W = torch.randn(16, 32, device=device)
+    A = torch.randn(4, 32, device=device, requires_grad=True)
+    B = torch.randn(16, 4, device=device, requires_grad=True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x):
+        return ops.lora_linear_fwd(x, W, None, None, 64, None, A, B, 2.0, 0.1, 11)[0].sum()
+    x = torch.randn(3, 32, device=device, requires_grad=True)
+    f(x).backward()
+    want = torch.autograd.grad(lora_linear_ref(x, W, None, A, B, 2.0, 0.1, 11).sum(), x)[0]
+    torch.testing.assert_close(x.grad, want, atol=1e-4, rtol=1e-4)
+
+
+def test_autocast_casts_activation_and_adapters_not_nf4_state(device):
+    q = peftx.nf4_quantize(torch.randn(16, 32, device=device))
+    A = torch.randn(4, 32, device=device, requires_grad=True)
+    B = torch.randn(16, 4, device=device, requires_grad=True)
+    x = torch.randn(3, 32, device=device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y, u = ops.lora_linear_fwd(x, q.packed, q.absmax_fp32(), q.code, 64, None, A, B, 1.0, 0.0, 0)
+    assert y.dtype == torch.bfloat16 and u.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), lora_linear_ref(x, q.dequantize(torch.float32), None, A, B, 1.0),
+                               **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ids", [[0, 1, 2, 0, -1, 2, 2], [1, 1, 1, 0, 0, -1, -1], [-1] * 7, [2] * 7])
+def test_multi_matches_reference_and_emulated_grid(device, dtype, ids):
+    K, N, R, n = 37, 19, 6, 3
+    x = torch.randn(7, K, device=device, dtype=dtype)
+    base_out = torch.randn(7, N, device=device, dtype=dtype)
+    A = (torch.randn(n, R, K, device=device) / K ** 0.5).to(dtype)
+    B = torch.randn(n, N, R, device=device).to(dtype)
+    B[1, :, 4:] = 0  # adapter 1 has rank 4, zero-padded to 6
+    s = torch.tensor([0.5, 2.0, 1.0], device=device)
+    idt = torch.tensor(ids, device=device)
+    want = lora_multi_ref(x, base_out, A, B, s, idt)
+    torch.testing.assert_close(ops.lora_multi_fwd(x, base_out, A, B, s, idt).float(), want, **TOL[dtype])
+    emu = torch.ops.peftx_emulate.lora_multi_kernel(x.cpu(), base_out.cpu(), A.cpu(), B.cpu(), s.cpu(), idt.cpu())
+    torch.testing.assert_close(emu.float(), want.cpu(), **TOL[dtype])
+    # Rows without an adapter are exactly the base output.
+    rows = idt == -1
+    assert torch.equal(ops.lora_multi_fwd(x, base_out, A, B, s, idt)[rows], base_out[rows])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_dropout_axpy_matches_reference(dtype):
+    t = torch.randn(13, 29).to(dtype)
+    dx = torch.randn(13, 29).to(dtype)
+    got = torch.ops.peftx_emulate.lora_dropout_axpy_kernel(t, dx, 77, 0.35)
+    keep = dropout_keep_ref(77, 13, 29, 0.35)
+    scale = torch.tensor(1 / 0.65, dtype=torch.float32)
+    want = torch.where(keep, (dx.float() + t.float() * scale).to(dtype), dx)
+    assert torch.equal(got, want)
+
+
+def test_bad_input_names_the_argument():
+    x = torch.randn(3, 8)
+    W = torch.randn(5, 8)
+    A = torch.randn(2, 8)
+    B = torch.randn(5, 2)
+    f = ops.lora_linear_fwd
+    with pytest.raises(RuntimeError, match="lora_A must have shape"):
+        f(x, W, None, None, 64, None, torch.randn(2, 9), B, 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="lora_B must have shape"):
+        f(x, W, None, None, 64, None, A, torch.randn(5, 3), 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        f(x, torch.randn(5, 7), None, None, 64, None, A, B, 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="dropout_p must be in"):
+        f(x, W, None, None, 64, None, A, B, 1.0, 1.0, 0)
+    with pytest.raises(RuntimeError, match="must have x's dtype"):
+        f(x, W, None, None, 64, None, A.half(), B, 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="float64 inputs need a dense base|must be float32"):
+        q = peftx.nf4_quantize(W)
+        f(x.double(), q.packed, q.absmax_fp32(), q.code, 64, None, A.double(), B.double(), 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="adapter_ids must be in"):
+        ops.lora_multi_fwd(x, torch.randn(3, 5), torch.randn(2, 2, 8), torch.randn(2, 5, 2), torch.ones(2),
+                           torch.tensor([0, 2, -1]))
+    with pytest.raises(RuntimeError, match="adapter_ids must have shape"):
+        ops.lora_multi_fwd(x, torch.randn(3, 5), torch.randn(2, 2, 8), torch.randn(2, 5, 2), torch.ones(2),
+                           torch.tensor([0, 1]))
