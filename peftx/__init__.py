@@ -4,7 +4,8 @@ from peftx import _native  # noqa: F401  (loads peftx._C: registers the torch op
 from peftx.quant.linear4bit import Linear4bit
 from peftx.quant.matmul import nf4_matmul, nf4_matmul_t, nf4_quantize
 from peftx.quant.nf4_weight import NF4Weight
+from peftx.tuners.lora import LoraEmbedding, LoraLinear, LoraLinear4bit
 
 __version__ = "0.1.0"
 
-__all__ = ["Linear4bit", "NF4Weight", "nf4_matmul", "nf4_matmul_t", "nf4_quantize"]
+__all__ = ["Linear4bit", "LoraEmbedding", "LoraLinear", "LoraLinear4bit", "NF4Weight", "nf4_matmul", "nf4_matmul_t", "nf4_quantize"]

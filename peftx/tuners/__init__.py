@@ -1,0 +1,1 @@
+"""PEFT methods, one folder each: config.py (dataclass) + layer modules [+ model.py]."""

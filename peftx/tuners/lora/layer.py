@@ -1,0 +1,360 @@
+"""LoRA layers that wrap (not copy) a frozen base layer: ``LoraLinear`` over ``nn.Linear`` or
+transformers' GPT-2 ``Conv1D``, and ``LoraLinear4bit`` (QLoRA) over ``peftx.Linear4bit``.
+
+The training forward of the first active adapter is one fused op (``peftx::lora_linear_fwd``: base
+product + low-rank term, dropout mask regenerated in backward, see peftx/ops/lora.py). Parameters and
+state-dict keys follow HF PEFT: ``base_layer.*``, ``lora_A.<adapter>.weight`` [r, in],
+``lora_B.<adapter>.weight`` [out, r]."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from peftx.ops import lora as lora_ops
+from peftx.quant.linear4bit import Linear4bit
+from peftx.quant.nf4_weight import NF4Weight
+from peftx.tuners.lora.adapters import BASE_ADAPTER, AdapterSpec, check_new_name, check_spec
+
+logger = logging.getLogger(__name__)
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a runtime dependency
+        return False
+    return isinstance(module, Conv1D)
+
+
+class LoraLayer(nn.Module):
+    """Named adapters over a frozen ``base_layer``; subclasses say how the base computes."""
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = in_features
+        self.out_features = out_features
+        self.adapters: dict[str, AdapterSpec] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+
+    # --- HF PEFT-style views of the hyper-parameters ------------------------------------------
+    @property
+    def r(self) -> dict[str, int]:
+        return {k: v.r for k, v in self.adapters.items()}
+
+    @property
+    def lora_alpha(self) -> dict[str, float]:
+        return {k: v.lora_alpha for k, v in self.adapters.items()}
+
+    @property
+    def scaling(self) -> dict[str, float]:
+        return {k: v.scaling for k, v in self.adapters.items()}
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # --- adapter management ---------------------------------------------------------------------
+    def _adapter_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        raise NotImplementedError
+
+    def add_adapter(self, adapter_name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: bool | str = True,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Adds adapter ``adapter_name``; the first one added becomes active."""
+        check_new_name(self, adapter_name)
+        spec = check_spec(r, lora_alpha, lora_dropout, use_rslora)
+        device, dtype = self._adapter_device_dtype()
+        if autocast_adapter_dtype and dtype in _LOW_PRECISION:
+            dtype = torch.float32  # as HF PEFT: adapters train in fp32 by default
+        A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self._init_weights(A, B, r, init_lora_weights)
+        self.lora_A[adapter_name] = A
+        self.lora_B[adapter_name] = B
+        self.adapters[adapter_name] = spec
+        if not self.active_adapters:
+            self.active_adapters = [adapter_name]
+        self._sync_requires_grad()
+
+    @staticmethod
+    def _init_weights(A: nn.Linear, B: nn.Linear, r: int, init) -> None:
+        if init is True:
+            nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+            nn.init.zeros_(B.weight)
+        elif init == "gaussian":
+            nn.init.normal_(A.weight, std=1 / r)
+            nn.init.zeros_(B.weight)
+        elif init is False:
+            pass  # nn.Linear's own init for both: the adapter changes the output from the start
+        else:
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init!r}")
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for n in names:
+            if n not in self.adapters:
+                raise ValueError(f"adapter_names: unknown adapter {n!r}; this layer has {sorted(self.adapters)}")
+        self.active_adapters = names
+        self._sync_requires_grad()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.adapters:
+            raise ValueError(f"adapter_name: unknown adapter {adapter_name!r}; this layer has {sorted(self.adapters)}")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before deleting it")
+        del self.lora_A[adapter_name], self.lora_B[adapter_name], self.adapters[adapter_name]
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.disable_adapters = not enabled
+        self._sync_requires_grad()
+
+    def _sync_requires_grad(self) -> None:
+        # As HF PEFT: active adapters train, inactive ones are frozen.
+        for n in self.adapters:
+            train = n in self.active_adapters and not self.disable_adapters
+            self.lora_A[n].weight.requires_grad_(train)
+            self.lora_B[n].weight.requires_grad_(train)
+
+    # --- merging ---------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``scaling * B @ A`` in fp32, shaped like the base weight's ``[out, in]``."""
+        A = self.lora_A[adapter_name].weight.float()
+        B = self.lora_B[adapter_name].weight.float()
+        return (B @ A) * self.adapters[adapter_name].scaling
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        for n in names:
+            if n not in self.adapters:
+                raise ValueError(f"adapter_names: unknown adapter {n!r}; this layer has {sorted(self.adapters)}")
+            if n in self.merged_adapters:
+                warnings.warn(f"adapter {n!r} is already merged; skipping it", stacklevel=2)
+                continue
+            self._merge_one(n, safe_merge)
+            self.merged_adapters.append(n)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            self._unmerge_one(self.merged_adapters.pop())
+
+    def _merge_one(self, name: str, safe_merge: bool) -> None:
+        raise NotImplementedError
+
+    def _unmerge_one(self, name: str) -> None:
+        raise NotImplementedError
+
+    # --- forward ---------------------------------------------------------------------------------
+    def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        raise NotImplementedError
+
+    def _lora_term(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The unfused low-rank term (extra active adapters beyond the first)."""
+        spec = self.adapters[name]
+        cd = self._compute_dtype(x)
+        xd = nn.functional.dropout(x.to(cd), spec.lora_dropout, self.training)
+        A = self.lora_A[name].weight.to(cd)
+        B = self.lora_B[name].weight.to(cd)
+        return (xd @ A.t()) @ B.t() * spec.scaling
+
+    def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape [..., {self.in_features}] (in_features), got {tuple(x.shape)}")
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            if self.merged:
+                raise ValueError("adapter_names cannot be used while adapters are merged; unmerge() first")
+            return self._mixed_forward(x, adapter_names)
+        active = [n for n in self.active_adapters if n in self.adapters and n not in self.merged_adapters]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            y = self.base_layer(x, *args, **kwargs)
+        else:
+            y = self._fused_forward(x, active[0])
+            active = active[1:]
+        for n in active:
+            y = y + self._lora_term(x, n).to(y.dtype)
+        return y
+
+    def _mixed_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """Each sample (first dimension of x) uses its own adapter; ``"__base__"`` means none."""
+        if x.dim() < 2 or len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names must have one name per sample: {x.shape[0] if x.dim() >= 2 else 0} "
+                             f"for x of shape {tuple(x.shape)}, got {len(adapter_names)}")
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.adapters})
+        if unknown:
+            raise ValueError(f"adapter_names: unknown adapters {unknown}; this layer has {sorted(self.adapters)}")
+        used = sorted({n for n in adapter_names if n != BASE_ADAPTER})
+        if self.training and any(self.adapters[n].lora_dropout > 0 for n in used):
+            raise ValueError("adapter_names (mixed batches) is for inference: call .eval() first (the mixed-batch "
+                             "op applies no dropout)")
+        base_out = self.base_layer(x)
+        if not used:
+            return base_out
+        cd = self._compute_dtype(x)
+        index = {n: i for i, n in enumerate(used)}
+        rmax = max(self.adapters[n].r for n in used)
+        A = x.new_zeros((len(used), rmax, self.in_features), dtype=cd)
+        B = x.new_zeros((len(used), self.out_features, rmax), dtype=cd)
+        for n, i in index.items():
+            r = self.adapters[n].r
+            A[i, :r] = self.lora_A[n].weight.to(cd)
+            B[i, :, :r] = self.lora_B[n].weight.to(cd)
+        scalings = torch.tensor([self.adapters[n].scaling for n in used], dtype=torch.float32, device=x.device)
+        per_sample = torch.tensor([index.get(n, -1) for n in adapter_names], dtype=torch.int64, device=x.device)
+        ids = per_sample.repeat_interleave(x[0].numel() // self.in_features)
+        y = lora_ops.lora_multi_fwd(x.to(cd), base_out.to(cd), A, B, scalings, ids)
+        return y.to(base_out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"adapters={ {n: (s.r, s.lora_alpha) for n, s in self.adapters.items()} }, active={self.active_adapters}"
+
+
+class LoraLinear(LoraLayer):
+    """LoRA over a dense ``nn.Linear`` (or transformers' ``Conv1D``, whose weight is [in, out]).
+
+    ``y = base(x) + scaling * dropout(x) A^T B^T`` with A [r, in] kaiming-uniform (a=sqrt(5)) and B [out, r]
+    zero at init, so the output equals the base layer's. ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with
+    rsLoRA). Adapter weights are fp32 unless ``autocast_adapter_dtype=False`` (then the base dtype).
+    """
+
+    def __init__(self, base: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, init_lora_weights: bool | str = True, fan_in_fan_out: bool = False,
+                 adapter_name: str = "default", autocast_adapter_dtype: bool = True):
+        conv1d = _is_conv1d(base)
+        if not (isinstance(base, nn.Linear) or conv1d) or isinstance(base, Linear4bit):
+            raise TypeError(f"base must be a torch.nn.Linear or transformers Conv1D (use LoraLinear4bit for "
+                            f"peftx.Linear4bit), got {type(base).__name__}")
+        if conv1d and not fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is set to True for a Conv1D base (its weight is [in, out])", stacklevel=2)
+        elif isinstance(base, nn.Linear) and fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is set to False for an nn.Linear base (its weight is [out, in])",
+                          stacklevel=2)
+        self.fan_in_fan_out = conv1d
+        in_f, out_f = (base.weight.shape if conv1d else base.weight.shape[::-1])
+        super().__init__(base, in_f, out_f)
+        self.fan_in_fan_out = conv1d
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                         autocast_adapter_dtype)
+
+    def _adapter_device_dtype(self):
+        w = self.base_layer.weight
+        return w.device, w.dtype
+
+    def _weight_out_in(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def _compute_dtype(self, x):
+        return self.base_layer.weight.dtype
+
+    def _fused_forward(self, x, name):
+        spec = self.adapters[name]
+        cd = self._compute_dtype(x)
+        p = spec.lora_dropout if self.training else 0.0
+        seed = lora_ops.draw_seed() if p > 0 else 0
+        bias = self.base_layer.bias
+        y, _ = lora_ops.lora_linear_fwd(x.to(cd), self._weight_out_in(), None, None, 64, bias,
+                                        self.lora_A[name].weight.to(cd), self.lora_B[name].weight.to(cd),
+                                        spec.scaling, p, seed)
+        return y
+
+    def _merge_one(self, name, safe_merge):
+        w = self.base_layer.weight
+        delta = self.get_delta_weight(name)
+        merged = w.data.float() + (delta.t() if self.fan_in_fan_out else delta)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"merging adapter {name!r} produces NaN or inf in the base weight; it was not merged")
+        w.data.copy_(merged.to(w.dtype))
+
+    def _unmerge_one(self, name):
+        w = self.base_layer.weight
+        delta = self.get_delta_weight(name)
+        w.data.copy_((w.data.float() - (delta.t() if self.fan_in_fan_out else delta)).to(w.dtype))
+
+
+class LoraLinear4bit(LoraLayer):
+    """QLoRA: LoRA over a frozen NF4 ``peftx.Linear4bit``. The forward and backward run the base
+    product on the NF4 weight directly (``dx`` through the transposed NF4 product); merge dequantizes,
+    adds, re-quantizes (``merge_errors`` records the error) and unmerge restores the original bytes."""
+
+    def __init__(self, base: Linear4bit, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.05,
+                 use_rslora: bool = False, init_lora_weights: bool | str = True, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True):
+        if not isinstance(base, Linear4bit):
+            raise TypeError(f"base must be a peftx.Linear4bit (see LoraLinear4bit.from_linear), got "
+                            f"{type(base).__name__}")
+        super().__init__(base, base.in_features, base.out_features)
+        self._nf4_before_merge: list[NF4Weight] = []
+        self.merge_errors: dict[str, float] = {}
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                         autocast_adapter_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.05,
+                    blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
+                    **kwargs) -> "LoraLinear4bit":
+        """The one-line QLoRA swap for an ``nn.Linear``: quantize it to NF4 and wrap it."""
+        return cls(Linear4bit.from_linear(linear, blocksize=blocksize, double_quant=double_quant,
+                                          compute_dtype=compute_dtype), r=r, lora_alpha=lora_alpha,
+                   lora_dropout=lora_dropout, **kwargs)
+
+    def _adapter_device_dtype(self):
+        base = self.base_layer
+        return base.weight.device, base.compute_dtype or base.weight.dtype
+
+    def _compute_dtype(self, x):
+        return self.base_layer.compute_dtype or x.dtype
+
+    def _fused_forward(self, x, name):
+        spec = self.adapters[name]
+        base = self.base_layer
+        cd = x.dtype if torch.is_autocast_enabled(x.device.type) else self._compute_dtype(x)
+        p = spec.lora_dropout if self.training else 0.0
+        seed = lora_ops.draw_seed() if p > 0 else 0
+        w = base.weight
+        bias = base.bias.to(cd) if base.bias is not None else None
+        y, _ = lora_ops.lora_linear_fwd(x.to(cd), w.packed, w.absmax_fp32(), w.code, w.blocksize, bias,
+                                        self.lora_A[name].weight.to(cd), self.lora_B[name].weight.to(cd),
+                                        spec.scaling, p, seed)
+        return y.to(x.dtype)
+
+    def _merge_one(self, name, safe_merge):
+        old = self.base_layer.weight
+        target = old.dequantize(torch.float32) + self.get_delta_weight(name)
+        if safe_merge and not torch.isfinite(target).all():
+            raise ValueError(f"merging adapter {name!r} produces NaN or inf in the base weight; it was not merged")
+        new = NF4Weight.quantize(target.to(old.dtype), blocksize=old.blocksize, double_quant=old.double_quant)
+        err = (new.dequantize(torch.float32) - target).abs().max().item()
+        self.merge_errors[name] = err
+        logger.info("merged adapter %r into the NF4 base: re-quantization error max |dW| = %.3g", name, err)
+        self._nf4_before_merge.append(old)
+        self.base_layer.weight = new
+
+    def _unmerge_one(self, name):
+        # Exact: the NF4 bytes from before the merge come back, not a re-quantized subtraction.
+        self.base_layer.weight = self._nf4_before_merge.pop()
+        self.merge_errors.pop(name, None)
