@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "lora/dropout_cpu.h"
 #include "nf4/nf4_math.h"
 
 namespace {
@@ -46,6 +47,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_archs", [] { return std::string(PEFTX_CUDA_ARCHS); },
         "The CUDA architectures this build targets (empty without CUDA).");
   m.def("cpu_features", &cpu_features, "Instruction set extensions of this CPU.");
+  m.def("lora_dropout_isa", [] { return std::string(peftx::lora::dropout_isa()); },
+        "Instruction set of the CPU LoRA dropout-mask generator (PEFTX_CPU_ISA=scalar forces scalar).");
   m.def("nf4_code", [] { return table(peftx::nf4::kCode); }, "The NF4 code book (16 fp32).");
   m.def("nf4_midpoints", [] { return table(peftx::nf4::kMidpoints); },
         "The NF4 encoder's decision boundaries (15 fp32).");

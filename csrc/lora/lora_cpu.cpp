@@ -7,8 +7,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "common/checks.h"
+#include "lora/dropout_cpu.h"
 #include "lora/lora_base.h"
 #include "lora/lora_math.h"
 
@@ -18,17 +20,6 @@ namespace {
 
 // Elements of x (or of the input gradient) dropped out per chunk: small enough to stay in L2.
 constexpr int64_t kChunkElements = 1 << 15;
-
-// Calls fn(i, keep) for elements e0 .. e0 + n - 1 of the mask, one Philox block per 4 elements.
-template <typename Fn>
-void for_each_keep(const Dropout& d, uint64_t e0, int64_t n, Fn&& fn) {
-  int64_t i = 0;
-  while (i < n) {
-    const uint64_t e = e0 + static_cast<uint64_t>(i);
-    const Philox4 w = dropout_words(d.seed, e >> 2);
-    for (unsigned j = static_cast<unsigned>(e & 3); j < 4 && i < n; ++j, ++i) fn(i, w.v[j] >= d.threshold);
-  }
-}
 
 template <typename scalar_t>
 using opmath = at::opmath_type<scalar_t>;
@@ -69,12 +60,13 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
           const int64_t mc = std::min(rows, b1 - m0);
           at::Tensor xd = at::empty({mc, K}, x2.options());
           scalar_t* xdp = xd.data_ptr<scalar_t>();
+          std::vector<uint8_t> keep(K);
           for (int64_t m = m0; m < m0 + mc; ++m) {
             const scalar_t* xr = xp + m * K;
             scalar_t* out = xdp + (m - m0) * K;
-            for_each_keep(d, static_cast<uint64_t>(m * K), K, [&](int64_t i, bool keep) {
-              out[i] = keep ? static_cast<scalar_t>(static_cast<opmath<scalar_t>>(xr[i]) * scale) : scalar_t(0);
-            });
+            dropout_keep_bytes(d, static_cast<uint64_t>(m * K), K, keep.data());
+            for (int64_t i = 0; i < K; ++i)
+              out[i] = keep[i] ? static_cast<scalar_t>(static_cast<opmath<scalar_t>>(xr[i]) * scale) : scalar_t(0);
           }
           at::Tensor u_rows = u.narrow(0, m0, mc);
           at::mm_out(u_rows, xd, lora_A.t());
@@ -106,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   const at::Tensor g2 = grad.reshape({-1, N}).contiguous();
   // Shared by all three gradients: gBs = s g B  [M, R].
   const at::Tensor gBs = at::mm(g2, lora_B).mul_(scaling);
-  at::Tensor dB = at::mm(g2.t(), u).mul_(scaling);
+  at::Tensor dB = at::mm(g2.t(), u.mul(scaling));
   at::Tensor dx = need_dx ? base_input_grad(g2, base, K) : at::empty({0}, x2.options());
   at::Tensor dA;
   if (dropout_p == 0.0 || M == 0) {
@@ -129,16 +121,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
           at::Tensor t = need_dx ? at::mm(gBs, lora_A.narrow(1, k0, kc)) : at::Tensor();
           scalar_t* xdp = xd.data_ptr<scalar_t>();
           const scalar_t* tp = need_dx ? t.const_data_ptr<scalar_t>() : nullptr;
+          std::vector<uint8_t> keep(kc);
           for (int64_t m = 0; m < M; ++m) {
             const scalar_t* xr = xp + m * K + k0;
             scalar_t* xdr = xdp + m * kc;
-            for_each_keep(d, static_cast<uint64_t>(m * K + k0), kc, [&](int64_t i, bool keep) {
-              xdr[i] = keep ? static_cast<scalar_t>(static_cast<acc_t>(xr[i]) * scale) : scalar_t(0);
-              if (dxp != nullptr && keep) {
-                scalar_t& o = dxp[m * K + k0 + i];
-                o = static_cast<scalar_t>(static_cast<acc_t>(o) + static_cast<acc_t>(tp[m * kc + i]) * scale);
-              }
-            });
+            dropout_keep_bytes(d, static_cast<uint64_t>(m * K + k0), kc, keep.data());
+            for (int64_t i = 0; i < kc; ++i)
+              xdr[i] = keep[i] ? static_cast<scalar_t>(static_cast<acc_t>(xr[i]) * scale) : scalar_t(0);
+            if (dxp == nullptr) continue;
+            scalar_t* dxr = dxp + m * K + k0;
+            const scalar_t* tr = tp + m * kc;
+            for (int64_t i = 0; i < kc; ++i)
+              if (keep[i]) dxr[i] = static_cast<scalar_t>(static_cast<acc_t>(dxr[i]) + static_cast<acc_t>(tr[i]) * scale);
           }
           at::Tensor dA_rows = dAT.narrow(0, k0, kc);
           at::mm_out(dA_rows, xd.t(), gBs);

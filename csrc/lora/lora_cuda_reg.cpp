@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cuda(
               ": u must be the forward's [", M, ", ", R, "] tensor, got ", u.sizes());
   const at::Tensor g2 = grad.reshape({-1, N}).contiguous();
   const at::Tensor gBs = at::mm(g2, lora_B).mul_(scaling);
-  at::Tensor dB = at::mm(g2.t(), u).mul_(scaling);
+  at::Tensor dB = at::mm(g2.t(), u.mul(scaling));
   at::Tensor dx = need_dx ? base_input_grad(g2, base, K) : at::empty({0}, x2.options());
   at::Tensor dA;
   if (dropout_p == 0.0 || M == 0) {

@@ -13,20 +13,22 @@ import sys
 import torch
 from tqdm import tqdm
 
-from peftx.bench import machine, nf4_suite
+from peftx.bench import lora_suite, machine, nf4_suite
 
-SUITES = {"nf4": (nf4_suite, 10)}
+SUITES = {"nf4": (nf4_suite, 10), "lora": (lora_suite, 17)}
 
 
 def _table(rows: list[dict]) -> str:
-    lines = [f"{'op':<12}{'dtype':<10}{'M':>5}  {'candidate':<22}{'median ms':>11}{'p10-p90':>17}{'ratio':>9}"]
+    lines = [f"{'op':<14}{'dtype':<10}{'M':>5}  {'candidate':<24}{'median ms':>11}{'p10-p90':>17}{'ratio':>9}"]
     for row in rows:
         for name, r in row["results"].items():
             ratio = next(v for k, v in r.items() if k.startswith("x_vs_"))
             extra = f"  {r['GBps']:.1f} GB/s" if "GBps" in r else ""
-            lines.append(f"{row['op']:<12}{row['dtype']:<10}{str(row['M'] or '-'):>5}  {name:<22}"
+            extra += f"  saved {r['saved_MiB']:.2f} MiB" if "saved_MiB" in r else ""
+            lines.append(f"{row['op']:<14}{row['dtype']:<10}{str(row['M'] or '-'):>5}  {name:<24}"
                          f"{r['median_ms']:>11.3f}{r['p10_ms']:>8.3f}-{r['p90_ms']:<8.3f}{ratio:>8.2f}x{extra}")
-        lines.append(f"{'':<27}(ratio = time / {row['anchor']})")
+        note = f", dropout {row['dropout']}" if row.get("dropout") else ""
+        lines.append(f"{'':<27}(ratio = time / {row['anchor']}{note})")
     return "\n".join(lines)
 
 

@@ -260,3 +260,26 @@ def test_bad_input_names_the_argument():
     with pytest.raises(RuntimeError, match="adapter_ids must have shape"):
         ops.lora_multi_fwd(x, torch.randn(3, 5), torch.randn(2, 2, 8), torch.randn(2, 5, 2), torch.ones(2),
                            torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 61), (5, 64), (9, 129), (2, 1000)])
+def test_cpu_dropout_paths_agree(monkeypatch, shape):
+    # The AVX-512 mask generator (16 Philox blocks per step, any start offset) and the scalar one make
+    # the reference mask bit for bit, in forward (row chunks) and backward (column chunks).
+    M, K = shape
+    x = torch.randn(M, K)
+    W = torch.randn(6, K)
+    A = torch.randn(3, K)
+    B = torch.randn(6, 3)
+    g = torch.randn(M, 6)
+    results = {}
+    for isa in ("default", "scalar"):
+        if isa == "scalar":
+            monkeypatch.setenv("PEFTX_CPU_ISA", "scalar")
+            assert peftx._native._C.lora_dropout_isa() == "scalar"
+        y, u = ops.lora_linear_fwd(x, W, None, None, 64, None, A, B, 1.0, 0.3, 123456789)
+        results[isa] = (y, u) + ops.lora_linear_bwd(g, x, u, W, None, None, 64, A, B, 1.0, 0.3, 123456789)
+    for a, b in zip(results["default"], results["scalar"]):
+        assert torch.equal(a, b)
+    want_u = lora_dropout_ref(x, 0.3, 123456789) @ A.t()
+    torch.testing.assert_close(results["scalar"][1], want_u, atol=1e-5, rtol=1e-5)

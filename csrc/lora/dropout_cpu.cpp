@@ -1,0 +1,114 @@
+#include "lora/dropout_cpu.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+// GCC 12 reports its own _mm512_set1_epi32 (built on _mm512_undefined_epi32) as "maybe
+// uninitialized" once inlined here; the intrinsic fully defines its result.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace peftx {
+namespace lora {
+namespace {
+
+void keep_bytes_scalar(const Dropout& d, uint64_t e0, int64_t n, uint8_t* keep) {
+  int64_t i = 0;
+  while (i < n) {
+    const uint64_t e = e0 + static_cast<uint64_t>(i);
+    const Philox4 w = dropout_words(d.seed, e >> 2);
+    for (unsigned j = static_cast<unsigned>(e & 3); j < 4 && i < n; ++j, ++i) keep[i] = w.v[j] >= d.threshold;
+  }
+}
+
+#define PEFTX_AVX512 __attribute__((target("avx512f,avx512bw,bmi2")))
+
+// (hi, lo) of the 32x32-bit products a * m in each of the 16 lanes.
+PEFTX_AVX512 inline void mulhilo16(__m512i a, __m512i m, __m512i* hi, __m512i* lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);                         // lanes 0, 2, ...: 64-bit
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);  // lanes 1, 3, ...
+  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
+// Keep bits of elements 4q .. 4q + 63 (bit i = element 4q + i): 16 Philox blocks, one per lane.
+PEFTX_AVX512 inline uint64_t keep_mask64(const Dropout& d, uint64_t q) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i qlo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q)));
+  __m512i c0 = _mm512_add_epi32(qlo, lane);
+  // Carry into the high word where q's low word wraps inside these 16 counters.
+  const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, qlo);
+  __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q >> 32))), carry,
+                                     _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q >> 32))),
+                                     _mm512_set1_epi32(1));
+  __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+  uint32_t k0 = static_cast<uint32_t>(d.seed), k1 = static_cast<uint32_t>(d.seed >> 32);
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    __m512i hi0, lo0, hi1, lo1;
+    mulhilo16(c0, m0, &hi0, &lo0);
+    mulhilo16(c2, m1, &hi1, &lo1);
+    const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+    const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+  }
+  const __m512i thr = _mm512_set1_epi32(static_cast<int>(d.threshold));
+  // Word j of lane l is element 4l + j: spread each word's 16 keep bits to every 4th bit.
+  const uint64_t w0 = _mm512_cmpge_epu32_mask(c0, thr), w1 = _mm512_cmpge_epu32_mask(c1, thr),
+                 w2 = _mm512_cmpge_epu32_mask(c2, thr), w3 = _mm512_cmpge_epu32_mask(c3, thr);
+  constexpr uint64_t every4 = 0x1111111111111111ull;
+  return _pdep_u64(w0, every4) | _pdep_u64(w1, every4 << 1) | _pdep_u64(w2, every4 << 2) |
+         _pdep_u64(w3, every4 << 3);
+}
+
+PEFTX_AVX512 void keep_bytes_avx512(const Dropout& d, uint64_t e0, int64_t n, uint8_t* keep) {
+  const __m512i one = _mm512_set1_epi8(1);
+  int64_t i = 0;
+  uint64_t q = e0 >> 2;
+  unsigned skip = static_cast<unsigned>(e0 & 3);  // elements of the first block before e0
+  while (i < n) {
+    const uint64_t bits = keep_mask64(d, q) >> skip;
+    const int64_t take = std::min<int64_t>(64 - skip, n - i);
+    const __mmask64 store = take == 64 ? ~0ull : ((1ull << take) - 1);
+    _mm512_mask_storeu_epi8(keep + i, store, _mm512_maskz_mov_epi8(bits, one));
+    i += take;
+    q += 16;
+    skip = 0;
+  }
+}
+
+bool has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("bmi2");
+  return ok;
+}
+
+bool forced_scalar() {
+  const char* isa = std::getenv("PEFTX_CPU_ISA");
+  return isa != nullptr && (std::strcmp(isa, "scalar") == 0 || std::strcmp(isa, "avx2") == 0);
+}
+
+}  // namespace
+
+const char* dropout_isa() { return has_avx512() && !forced_scalar() ? "avx512" : "scalar"; }
+
+void dropout_keep_bytes(const Dropout& d, uint64_t e0, int64_t n, uint8_t* keep) {
+  if (has_avx512() && !forced_scalar()) {
+    keep_bytes_avx512(d, e0, n, keep);
+  } else {
+    keep_bytes_scalar(d, e0, n, keep);
+  }
+}
+
+}  // namespace lora
+}  // namespace peftx
