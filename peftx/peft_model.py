@@ -1,0 +1,316 @@
+"""PeftModel and its task subclasses: the model-level API of HF PEFT (same attribute layout
+``base_model.model.…``, same state-dict keys, same file format), over peftx's LoRA layers."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+from torch import nn
+
+from peftx.config import PeftConfig, PeftType, TaskType
+from peftx.save_load import adapter_state_dict, load_tensors, save_tensors_atomic, to_model_key
+from peftx.tuners.lora.config import LoraConfig
+from peftx.tuners.lora.embedding import LoraEmbedding
+from peftx.tuners.lora.layer import LoraLayer
+from peftx.tuners.lora.model import LoraModel
+from peftx.utils_modules import ModulesToSaveWrapper, get_parent
+from peftx.quant.linear4bit import Linear4bit
+
+logger = logging.getLogger(__name__)
+
+CONFIG_CLASSES = {PeftType.LORA.value: LoraConfig}
+
+
+def check_adapter_name(name) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.', got {name!r}")
+    if name.startswith("lora") or name in ("base_layer", "original_module", "modules_to_save"):
+        raise ValueError(f"adapter_name {name!r} collides with a LoRA module prefix or attribute "
+                         "(names starting with 'lora', 'base_layer', 'modules_to_save'); pick another name")
+
+
+def config_from_dict(data: dict) -> PeftConfig:
+    peft_type = data.get("peft_type")
+    if peft_type not in CONFIG_CLASSES:
+        raise ValueError(f"unknown peft_type {peft_type!r} in the adapter config; peftx loads {sorted(CONFIG_CLASSES)}")
+    return CONFIG_CLASSES[peft_type].from_dict(data)
+
+
+class PeftModel(nn.Module):
+    """A base model with named adapters. ``forward``/``generate`` pass through to the base model."""
+
+    _task_heads: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default"):
+        super().__init__()
+        check_adapter_name(adapter_name)
+        if not isinstance(peft_config, LoraConfig):
+            raise TypeError(f"peft_config must be a peftx LoraConfig, got {type(peft_config).__name__}")
+        self.peft_config: dict[str, PeftConfig] = {adapter_name: peft_config}
+        self.active_adapter = adapter_name
+        self.modules_to_save: set[str] = set()
+        self._wrapper_names: list[str] = []
+        if peft_config.base_model_name_or_path is None:
+            peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+        self.base_model = LoraModel(model, self.peft_config, adapter_name)
+        self._set_modules_to_save(adapter_name)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # --- modules_to_save ---------------------------------------------------------------------------
+    def _set_modules_to_save(self, adapter_name: str) -> None:
+        config = self.peft_config[adapter_name]
+        wanted = list(config.modules_to_save or [])
+        root = self.base_model.model
+        heads = [h for h in self._task_heads if any(n.split(".")[-1] == h for n, _ in root.named_modules())]
+        for h in heads:
+            if h not in wanted:
+                wanted.append(h)
+        if heads and config.modules_to_save is None:
+            config.modules_to_save = heads
+        self.modules_to_save |= set(wanted)
+        for name, module in list(root.named_modules()):
+            if not name or any(p in ("modules_to_save", "original_module") for p in name.split(".")):
+                continue
+            if not any(name == t or name.endswith("." + t) for t in wanted):
+                continue
+            if isinstance(module, ModulesToSaveWrapper):
+                module.update(adapter_name)
+            else:
+                parent, child = get_parent(root, name)
+                setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
+            if name not in self._wrapper_names:
+                self._wrapper_names.append(name)
+        self.base_model.set_adapter(self.active_adapter)
+
+    @property
+    def _wrapper_prefixes(self) -> list[str]:
+        return [f"base_model.model.{n}" for n in self._wrapper_names]
+
+    # --- forward -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _adapter_names_hooks(self, adapter_names):
+        if adapter_names is None:
+            yield
+            return
+        if len(adapter_names) and not all(isinstance(n, str) for n in adapter_names):
+            raise ValueError("adapter_names must be a list of adapter names (one per sample)")
+        handles = []
+
+        def hook(_module, args, kwargs):
+            kwargs["adapter_names"] = adapter_names
+            return args, kwargs
+        for m in self.modules():
+            if isinstance(m, (LoraLayer, LoraEmbedding)):
+                handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        with self._adapter_names_hooks(adapter_names):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        with self._adapter_names_hooks(adapter_names):
+            return self.base_model.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Within the context, the model computes as the base model."""
+        self.base_model.enable_adapter_layers(False)
+        try:
+            yield
+        finally:
+            self.base_model.enable_adapter_layers(True)
+
+    # --- adapters ---------------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter_name {adapter_name!r} already exists; delete_adapter() it first")
+        if not isinstance(peft_config, LoraConfig):
+            raise TypeError(f"peft_config must be a peftx LoraConfig, got {type(peft_config).__name__}")
+        self.peft_config[adapter_name] = peft_config
+        try:
+            self.base_model.inject_adapter(adapter_name)
+        except Exception:
+            del self.peft_config[adapter_name]
+            raise
+        self._set_modules_to_save(adapter_name)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter_name: unknown adapter {adapter_name!r}; this model has {sorted(self.peft_config)}")
+        self.active_adapter = adapter_name
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+        if self.active_adapter == adapter_name:
+            remaining = sorted(self.peft_config)
+            self.active_adapter = remaining[0] if remaining else None
+            if remaining:
+                self.base_model.set_adapter(remaining[0])
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", svd_rank=None):
+        check_adapter_name(adapter_name)
+        self.base_model.add_weighted_adapter(adapters, weights, adapter_name, combination_type, svd_rank)
+
+    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
+        return self.base_model.merge_and_unload(adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self.base_model.unload()
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    # --- parameter counts --------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) as HF PEFT counts them: a 4-bit weight counts its unpacked element count."""
+        trainable = total = 0
+        for p in self.parameters():
+            n = p.numel()
+            total += n
+            if p.requires_grad:
+                trainable += n
+        for m in self.modules():
+            if isinstance(m, Linear4bit):
+                w = m.weight
+                total += w.packed.numel() * 2  # two 4-bit values per stored byte, as HF PEFT counts Params4bit
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # --- save / load -------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+                        **kwargs) -> None:
+        """Writes each adapter (only the adapter) in HF PEFT's format; non-default adapters go to
+        sub-folders named after them. Files are replaced atomically."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file, not a directory")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for n in names:
+            if n not in self.peft_config:
+                raise ValueError(f"selected_adapters: unknown adapter {n!r}; this model has {sorted(self.peft_config)}")
+        for n in names:
+            config = self.peft_config[n]
+            out_dir = save_directory if n == "default" else os.path.join(save_directory, n)
+            tensors = adapter_state_dict(self, n, config.bias, self._wrapper_prefixes)
+            save_tensors_atomic(os.path.join(out_dir, "adapter_model.safetensors"), tensors)
+            inference_mode = config.inference_mode
+            config.inference_mode = True
+            try:
+                config.save_pretrained(out_dir)
+            finally:
+                config.inference_mode = inference_mode
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: PeftConfig | None = None, **kwargs) -> "PeftModel":
+        """Loads a peftx or HF PEFT adapter directory onto ``model`` (safetensors only)."""
+        if config is None:
+            config = config_from_dict(PeftConfig.read_dict(model_id))
+        config.inference_mode = not is_trainable
+        if cls is PeftModel and config.task_type is not None:
+            cls = TASK_CLASSES.get(TaskType(config.task_type), PeftModel)
+        tensors = load_tensors(model_id)
+        peft_model = cls(model, config, adapter_name)
+        peft_model._load_adapter_tensors(tensors, adapter_name, model_id)
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     **kwargs) -> None:
+        config = config_from_dict(PeftConfig.read_dict(model_id))
+        config.inference_mode = not is_trainable
+        tensors = load_tensors(model_id)
+        self.add_adapter(adapter_name, config)
+        try:
+            self._load_adapter_tensors(tensors, adapter_name, model_id)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+        self.base_model.set_adapter(self.active_adapter)
+
+    def _load_adapter_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str, source) -> None:
+        own = self.state_dict(keep_vars=True)
+        prefixes = self._wrapper_prefixes
+        mapped = {}
+        unexpected = []
+        for key, value in tensors.items():
+            target = to_model_key(key, adapter_name, prefixes)
+            if target not in own:
+                unexpected.append(key)
+                continue
+            if tuple(own[target].shape) != tuple(value.shape):
+                raise ValueError(f"adapter tensor {key!r} in {os.fspath(source)!r} has shape {tuple(value.shape)} but "
+                                 f"the model's {target!r} has shape {tuple(own[target].shape)}: the adapter was "
+                                 "trained for a different architecture or configuration")
+            mapped[target] = value
+        if unexpected:
+            raise ValueError(f"adapter {os.fspath(source)!r} has tensors with no place in this model "
+                             f"({len(unexpected)}, e.g. {unexpected[:3]}): it was trained for another architecture "
+                             "or other target_modules")
+        tag = f".{adapter_name}"
+        missing = [k for k in own if ("lora_" in k and (tag + "." in k or k.endswith(tag))
+                                      or f".modules_to_save.{adapter_name}." in k) and k not in mapped]
+        if missing:
+            raise ValueError(f"adapter {os.fspath(source)!r} lacks {len(missing)} tensors this model expects "
+                             f"(e.g. {missing[:3]}); the file is incomplete or for other target_modules")
+        with torch.no_grad():
+            for k, v in mapped.items():
+                own[k].copy_(v.to(own[k].dtype))
+
+
+class PeftModelForCausalLM(PeftModel):
+    pass
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    pass
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    _task_heads = ("classifier", "score")
+
+
+class PeftModelForTokenClassification(PeftModel):
+    _task_heads = ("classifier", "score")
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    _task_heads = ("qa_outputs",)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    pass
+
+
+TASK_CLASSES = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}

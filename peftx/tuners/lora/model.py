@@ -1,0 +1,244 @@
+"""LoraModel: puts LoRA layers on a model's target modules and manages them model-wide (active
+adapter, enable/disable, merge and unload, weighted combinations), as HF PEFT's LoraModel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from peftx.quant.linear4bit import Linear4bit
+from peftx.tuners.lora.config import LoraConfig
+from peftx.tuners.lora.embedding import LoraEmbedding
+from peftx.tuners.lora.layer import LoraLayer, LoraLinear, LoraLinear4bit
+from peftx.tuners.lora.targets import _is_conv1d, pattern_value, select_targets
+from peftx.utils_modules import ModulesToSaveWrapper, get_parent
+
+LORA_LAYERS = (LoraLayer, LoraEmbedding)
+
+
+def make_lora_layer(target: nn.Module, adapter_name: str, r: int, alpha: float, config: LoraConfig) -> nn.Module:
+    """The LoRA wrapper for a base module, chosen by the base module's type."""
+    kw = dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+              init_lora_weights=config.init_lora_weights, adapter_name=adapter_name)
+    if isinstance(target, Linear4bit):
+        return LoraLinear4bit(target, **kw)
+    if isinstance(target, nn.Linear):
+        return LoraLinear(target, **kw)
+    if _is_conv1d(target):
+        config.fan_in_fan_out = True
+        return LoraLinear(target, fan_in_fan_out=True, **kw)
+    if isinstance(target, nn.Embedding):
+        return LoraEmbedding(target, **kw)
+    raise ValueError(f"target module of type {type(target).__name__} is not supported by LoRA; supported: "
+                     "torch.nn.Linear, torch.nn.Embedding, transformers Conv1D, peftx.Linear4bit")
+
+
+class LoraModel(nn.Module):
+    prefix = "lora_"
+
+    def __init__(self, model: nn.Module, peft_config: dict[str, LoraConfig], adapter_name: str):
+        super().__init__()
+        self.model = model
+        self.peft_config = peft_config
+        self.inject_adapter(adapter_name)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # --- injection -----------------------------------------------------------------------------
+    def inject_adapter(self, adapter_name: str, skip: set[str] = frozenset()) -> list[str]:
+        config = self.peft_config[adapter_name]
+        targets = select_targets(self.model, config, skip=set(skip))
+        for name in targets:
+            target = self.model.get_submodule(name)
+            r = pattern_value(config.rank_pattern, name, config.r)
+            alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
+            if isinstance(target, LORA_LAYERS):
+                if isinstance(target, LoraEmbedding):
+                    target.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora,
+                                       config.init_lora_weights)
+                else:
+                    target.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora,
+                                       config.init_lora_weights)
+                    target.set_adapter(target.active_adapters)
+                continue
+            parent, child = get_parent(self.model, name)
+            setattr(parent, child, make_lora_layer(target, adapter_name, r, alpha, config))
+        self._mark_trainable(adapter_name)
+        return targets
+
+    def _mark_trainable(self, adapter_name: str) -> None:
+        config = self.peft_config[adapter_name]
+        for name, p in self.model.named_parameters():
+            if self.prefix not in name and ".modules_to_save." not in name:
+                p.requires_grad_(False)
+        if config.bias == "all":
+            for name, p in self.model.named_parameters():
+                if "bias" in name:
+                    p.requires_grad_(True)
+        elif config.bias == "lora_only":
+            for m in self.model.modules():
+                if isinstance(m, LORA_LAYERS) and getattr(m.base_layer, "bias", None) is not None:
+                    m.base_layer.bias.requires_grad_(True)
+        self.set_adapter(self.active_adapters_or(adapter_name))
+
+    def active_adapters_or(self, default: str) -> list[str]:
+        for m in self.lora_layers():
+            return m.active_adapters or [default]
+        return [default]
+
+    # --- model-wide adapter state -----------------------------------------------------------------
+    def lora_layers(self):
+        return [m for m in self.model.modules() if isinstance(m, LORA_LAYERS)]
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for n in names:
+            if n not in self.peft_config:
+                raise ValueError(f"adapter_name: unknown adapter {n!r}; this model has {sorted(self.peft_config)}")
+        for m in self.lora_layers():
+            present = [n for n in names if n in m.adapters]
+            if isinstance(m, LoraEmbedding):
+                m.active_adapters = present
+            else:
+                m.active_adapters = present
+                m._sync_requires_grad()
+        for m in self.model.modules():
+            if isinstance(m, ModulesToSaveWrapper):
+                m.set_adapter(names[0])
+        for n, config in self.peft_config.items():
+            if config.inference_mode:
+                self._freeze(n)
+
+    def _freeze(self, adapter_name: str) -> None:
+        for name, p in self.model.named_parameters():
+            if f".{adapter_name}." in name + "." and (self.prefix in name or ".modules_to_save." in name):
+                p.requires_grad_(False)
+
+    def enable_adapter_layers(self, enabled: bool = True) -> None:
+        for m in self.model.modules():
+            if isinstance(m, LoraLayer):
+                m.enable_adapters(enabled)
+            elif isinstance(m, (LoraEmbedding, ModulesToSaveWrapper)):
+                m.disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter_name: unknown adapter {adapter_name!r}; this model has {sorted(self.peft_config)}")
+        for m in self.lora_layers():
+            if adapter_name in m.adapters:
+                if isinstance(m, LoraEmbedding):
+                    del m.lora_embedding_A[adapter_name], m.lora_embedding_B[adapter_name], m.adapters[adapter_name]
+                    m.active_adapters = [n for n in m.active_adapters if n != adapter_name]
+                else:
+                    m.delete_adapter(adapter_name)
+        for m in self.model.modules():
+            if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save:
+                del m.modules_to_save[adapter_name]
+        del self.peft_config[adapter_name]
+
+    # --- merge and unload --------------------------------------------------------------------------
+    def _replace_wrappers(self, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:
+        for name, m in list(self.model.named_modules()):
+            if isinstance(m, LORA_LAYERS):
+                if merge:
+                    m.merge(adapter_names)
+                parent, child = get_parent(self.model, name)
+                setattr(parent, child, m.base_layer)
+            elif isinstance(m, ModulesToSaveWrapper):
+                parent, child = get_parent(self.model, name)
+                setattr(parent, child, m.modules_to_save[m.active_adapter] if m.active_adapter in m.modules_to_save
+                        else m.original_module)
+        return self.model
+
+    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merges the active adapters into the base weights and returns the plain base model."""
+        return self._replace_wrappers(True, adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Removes every LoRA layer without merging and returns the original base model."""
+        return self._replace_wrappers(False)
+
+    # --- weighted combinations ---------------------------------------------------------------------
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None) -> None:
+        """A new adapter from a weighted combination of existing ones, as HF PEFT: 'linear' (same rank:
+        A = sum sign*sqrt(|w s|) A_i, B = sum sqrt(|w s|) B_i), 'cat' (rank = sum of ranks, exact sum
+        of the weighted deltas) or 'svd' (truncated SVD of the weighted sum of deltas)."""
+        if len(adapters) != len(weights):
+            raise ValueError(f"adapters and weights must have the same length, got {len(adapters)} and {len(weights)}")
+        for a in adapters:
+            if a not in self.peft_config:
+                raise ValueError(f"adapters: unknown adapter {a!r}; this model has {sorted(self.peft_config)}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter_name {adapter_name!r} already exists")
+        if combination_type not in ("linear", "cat", "svd"):
+            raise ValueError(f"combination_type must be 'linear', 'cat' or 'svd', got {combination_type!r}")
+        if len(adapters) == 1:
+            combination_type = "linear"
+        ranks = [max([self.peft_config[a].r, *self.peft_config[a].rank_pattern.values()]) for a in adapters]
+        if combination_type == "linear":
+            if len(set(ranks)) != 1:
+                raise ValueError(f"combination_type 'linear' needs adapters of one rank, got ranks {ranks}")
+            new_rank = ranks[0]
+        elif combination_type == "cat":
+            new_rank = sum(ranks)
+        else:
+            new_rank = svd_rank or max(ranks)
+        first = self.peft_config[adapters[0]]
+        targets = [self.peft_config[a].target_modules for a in adapters]
+        if all(isinstance(t, list) for t in targets):
+            new_targets = sorted(set().union(*map(set, targets)))
+        elif all(isinstance(t, str) for t in targets):
+            new_targets = "|".join(f"({t})" for t in targets)
+        else:
+            raise ValueError("adapters mix list and regex target_modules; they cannot be combined")
+        data = first.to_dict()
+        data.update(r=new_rank, lora_alpha=new_rank, target_modules=new_targets, rank_pattern={}, alpha_pattern={},
+                    init_lora_weights=True)
+        self.peft_config[adapter_name] = LoraConfig.from_dict(data)
+        self.inject_adapter(adapter_name)
+        for m in self.lora_layers():
+            if adapter_name in m.adapters:
+                self._combine_into(m, adapters, weights, adapter_name, combination_type, new_rank)
+
+    @staticmethod
+    def _combine_into(m, adapters, weights, name, kind, new_rank):
+        def pair(a):
+            if isinstance(m, LoraEmbedding):
+                return m.lora_embedding_A[a], m.lora_embedding_B[a]
+            return m.lora_A[a].weight, m.lora_B[a].weight
+        A_new, B_new = pair(name)
+        present = [(a, w) for a, w in zip(adapters, weights) if a in m.adapters]
+        with torch.no_grad():
+            A_new.zero_()
+            B_new.zero_()
+            if kind == "linear":
+                for a, w in present:
+                    ws = w * m.adapters[a].scaling
+                    A, B = pair(a)
+                    A_new += math.copysign(math.sqrt(abs(ws)), ws) * A
+                    B_new += math.sqrt(abs(ws)) * B
+            elif kind == "cat":
+                As = [pair(a)[0] * (w * m.adapters[a].scaling) for a, w in present]
+                Bs = [pair(a)[1] for a, _ in present]
+                A_cat, B_cat = torch.cat(As, 0), torch.cat(Bs, 1)
+                A_new[:A_cat.shape[0]] = A_cat
+                B_new[:, :B_cat.shape[1]] = B_cat
+            else:
+                delta = sum(w * m.adapters[a].scaling * (pair(a)[1].float() @ pair(a)[0].float())
+                            for a, w in present)
+                U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+                k = min(new_rank, S.numel())
+                B_new[:, :k] = (U[:, :k] * S[:k]).to(B_new.dtype)
+                A_new[:k] = Vh[:k].to(A_new.dtype)
