@@ -55,7 +55,7 @@ class PeftModel(nn.Module):
         self._wrapper_names: list[str] = []
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
-        self.base_model = LoraModel(model, self.peft_config, adapter_name)
+        self.base_model = LoraModel(model, self.peft_config, adapter_name, skip=self._heads_to_save(model, peft_config))
         self._set_modules_to_save(adapter_name)
 
     def __getattr__(self, name):
@@ -67,16 +67,20 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     # --- modules_to_save ---------------------------------------------------------------------------
-    def _set_modules_to_save(self, adapter_name: str) -> None:
-        config = self.peft_config[adapter_name]
+    def _heads_to_save(self, model: nn.Module, config) -> list[str]:
+        """modules_to_save plus the task's head (classifier/score, qa_outputs) where the model has one."""
         wanted = list(config.modules_to_save or [])
-        root = self.base_model.model
-        heads = [h for h in self._task_heads if any(n.split(".")[-1] == h for n, _ in root.named_modules())]
+        heads = [h for h in self._task_heads if any(n.split(".")[-1] == h for n, _ in model.named_modules())]
         for h in heads:
             if h not in wanted:
                 wanted.append(h)
         if heads and config.modules_to_save is None:
             config.modules_to_save = heads
+        return wanted
+
+    def _set_modules_to_save(self, adapter_name: str) -> None:
+        root = self.base_model.model
+        wanted = self._heads_to_save(root, self.peft_config[adapter_name])
         self.modules_to_save |= set(wanted)
         for name, module in list(root.named_modules()):
             if not name or any(p in ("modules_to_save", "original_module") for p in name.split(".")):
@@ -148,7 +152,8 @@ class PeftModel(nn.Module):
             raise TypeError(f"peft_config must be a peftx LoraConfig, got {type(peft_config).__name__}")
         self.peft_config[adapter_name] = peft_config
         try:
-            self.base_model.inject_adapter(adapter_name)
+            self.base_model.inject_adapter(adapter_name, skip=set(self._heads_to_save(self.base_model.model, peft_config))
+                                           | set(self.modules_to_save))
         except Exception:
             del self.peft_config[adapter_name]
             raise

@@ -73,8 +73,8 @@ def adapter_state_dict(model: torch.nn.Module, adapter_name: str, bias: str,
     tag = f".{adapter_name}"
     for k, v in sd.items():
         is_lora = ("lora_" in k) and (f"{tag}." in k or k.endswith(tag))
-        if is_lora or (bias == "all" and "bias" in k and "lora_" not in k and ".modules_to_save." not in k
-                       and ".original_module." not in k):
+        # bias='all' takes every '.bias' key, wrapper copies included, exactly as HF PEFT does.
+        if is_lora or (bias == "all" and k.endswith(".bias")) or (bias == "lora_only" and k.endswith(".base_layer.bias")):
             out[k.replace(tag + ".", ".") if f"{tag}." in k else k.removesuffix(tag) if k.endswith(tag) else k] = v
     for prefix in wrapper_prefixes:
         inner = f"{prefix}.modules_to_save.{adapter_name}."
@@ -92,5 +92,9 @@ def to_model_key(key: str, adapter_name: str, wrapper_prefixes: list[str]) -> st
         return f"{key}.{adapter_name}"
     for prefix in wrapper_prefixes:
         if key.startswith(prefix + "."):
-            return f"{prefix}.modules_to_save.{adapter_name}.{key[len(prefix) + 1:]}"
+            rest = key[len(prefix) + 1:]
+            if rest.startswith("original_module."):
+                return key
+            rest = rest.removeprefix("modules_to_save.")
+            return f"{prefix}.modules_to_save.{adapter_name}.{rest}"
     return key

@@ -38,11 +38,12 @@ def make_lora_layer(target: nn.Module, adapter_name: str, r: int, alpha: float, 
 class LoraModel(nn.Module):
     prefix = "lora_"
 
-    def __init__(self, model: nn.Module, peft_config: dict[str, LoraConfig], adapter_name: str):
+    def __init__(self, model: nn.Module, peft_config: dict[str, LoraConfig], adapter_name: str,
+                 skip: set[str] = frozenset()):
         super().__init__()
         self.model = model
         self.peft_config = peft_config
-        self.inject_adapter(adapter_name)
+        self.inject_adapter(adapter_name, skip)
 
     def __getattr__(self, name):
         try:
@@ -84,7 +85,7 @@ class LoraModel(nn.Module):
                 p.requires_grad_(False)
         if config.bias == "all":
             for name, p in self.model.named_parameters():
-                if "bias" in name:
+                if name == "bias" or name.endswith(".bias"):
                     p.requires_grad_(True)
         elif config.bias == "lora_only":
             for m in self.model.modules():

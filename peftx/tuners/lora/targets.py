@@ -82,15 +82,22 @@ def output_layer_names(model: nn.Module) -> set[str]:
     return names | {"lm_head"}
 
 
+def _under(name: str, heads) -> bool:
+    # name is one of the heads (matched as a '.'-suffix) or inside one.
+    parts = name.split(".")
+    return any(h.split(".") == parts[i:i + len(h.split("."))] for h in heads for i in range(len(parts)))
+
+
 def select_targets(model: nn.Module, config, skip: set[str] = frozenset()) -> list[str]:
-    """Names of the modules the config adapts; an error that lists close names if none match."""
+    """Names of the modules the config adapts, never inside the ``skip`` heads (modules_to_save);
+    an error that lists close names if none match."""
     spec = config.target_modules if config.target_modules is not None else default_target_modules(model)
     all_linear = spec == "all-linear" or (isinstance(spec, list) and spec == ["all-linear"])
     outputs = output_layer_names(model) if all_linear else set()
     chosen = []
     names = [n for n, _ in model.named_modules() if n and not _is_adapter_internal(n)]
     for name, module in model.named_modules():
-        if not name or name in skip or any(name.startswith(s + ".") for s in skip) or _is_adapter_internal(name):
+        if not name or _under(name, skip) or _is_adapter_internal(name):
             continue
         if all_linear:
             hit = is_linear_like(module) and name.split(".")[-1] not in outputs and name not in outputs
