@@ -26,7 +26,6 @@ def _bnb_linear4bit_type():
 def _from_bnb(module) -> Linear4bit:
     """A peftx Linear4bit holding the very bytes of a bitsandbytes Linear4bit (no re-quantization)."""
     state = {}
-    module.weight.quant_state.as_dict(packed=True)
     for k, v in module.weight.quant_state.as_dict(packed=True).items():
         state["weight." + k] = v
     state["weight"] = module.weight.data
