@@ -108,7 +108,8 @@ def select_targets(model: nn.Module, config, skip: set[str] = frozenset()) -> li
     if not chosen:
         wanted = [spec] if isinstance(spec, str) else list(spec)
         leaves = sorted({n.split(".")[-1] for n in names})
-        close = sorted({c for w in wanted for c in difflib.get_close_matches(str(w), leaves, n=5, cutoff=0.5)})
+        close = list(dict.fromkeys(c for w in wanted for c in difflib.get_close_matches(str(w), leaves, n=5,
+                                                                                            cutoff=0.5)))
         raise ValueError(f"target_modules {spec!r} matched no module of {type(model).__name__}"
                          + (f"; close names: {close}" if close else "")
                          + f". Module names end with e.g. {leaves[:12]}")
