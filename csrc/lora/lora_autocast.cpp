@@ -1,7 +1,7 @@
 // Autocast behaviour of the LoRA forwards ("lower precision fp" policy, as torch.nn.functional.linear):
-// the activation, a dense base weight, the bias and the adapter weights are cast to the autocast
-// dtype; a 4-bit base state (packed bytes, fp32 absmax, code) never is. Casts of fp32 adapter
-// parameters are recorded by autograd, so their gradients arrive in fp32.
+// the activation, a dense base weight and the bias are cast to the autocast
+// dtype; a 4-bit base state (packed bytes, fp32 absmax, code) never is, nor are the adapter weights
+// (the op runs the low-rank products in x's dtype and returns fp32 gradients for fp32 adapters).
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
 
@@ -26,7 +26,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_autocast(
   c10::optional<at::Tensor> b;
   if (bias.has_value()) b = cast(*bias);
   const at::Tensor w = absmax.has_value() ? weight : cast(weight);
-  return op.call(cast(x), w, absmax, code, blocksize, b, cast(lora_A), cast(lora_B), scaling, dropout_p, seed);
+  // Adapters stay as they are: the op computes in x's dtype and returns their gradients in theirs.
+  return op.call(cast(x), w, absmax, code, blocksize, b, lora_A, lora_B, scaling, dropout_p, seed);
 }
 
 template <c10::DeviceType device, c10::DispatchKey key>

@@ -22,9 +22,12 @@ at::Tensor check_lora_args(const char* op, const at::Tensor& x, const BaseWeight
   TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(1) == r, op, ": lora_B must have shape [out_features, ",
               r, "] (r of lora_A), got ", lora_B.sizes());
   const int64_t out = lora_B.size(0);
-  TORCH_CHECK(lora_A.scalar_type() == x.scalar_type() && lora_B.scalar_type() == x.scalar_type(), op,
-              ": lora_A and lora_B must have x's dtype ", x.scalar_type(), ", got ",
-              lora_A.scalar_type(), " and ", lora_B.scalar_type());
+  // Adapters may be kept in another precision (fp32 masters under a bf16 base): the products run
+  // in x's dtype and the adapter gradients come back in the adapters' dtypes.
+  for (const auto* t : {&lora_A, &lora_B}) {
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()) && (t->scalar_type() != at::kDouble || allow_double), op,
+                ": lora_A and lora_B must be float32, float16 or bfloat16, got ", t->scalar_type());
+  }
   PEFTX_CHECK_SAME_DEVICE(op, "lora_A", lora_A, x);
   PEFTX_CHECK_SAME_DEVICE(op, "lora_B", lora_B, x);
   PEFTX_CHECK_SAME_DEVICE(op, "weight", base.weight, x);

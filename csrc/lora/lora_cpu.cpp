@@ -37,11 +37,12 @@ opmath<scalar_t> keep_scale(const Dropout& d, double p) {
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& absmax,
     const c10::optional<at::Tensor>& code, int64_t blocksize, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p, int64_t seed) {
+    const at::Tensor& lora_A_in, const at::Tensor& lora_B_in, double scaling, double dropout_p, int64_t seed) {
   constexpr const char* op = "lora_linear_fwd";
   const BaseWeight base{weight, absmax, code, blocksize};
   // float64 (for gradcheck) is supported over a dense base.
-  const at::Tensor x2 = check_lora_args(op, x, base, bias, lora_A, lora_B, dropout_p, !base.is_nf4());
+  const at::Tensor x2 = check_lora_args(op, x, base, bias, lora_A_in, lora_B_in, dropout_p, !base.is_nf4());
+  const at::Tensor lora_A = lora_A_in.to(x2.scalar_type()), lora_B = lora_B_in.to(x2.scalar_type());
   const int64_t M = x2.size(0), K = x2.size(1), R = lora_A.size(0), N = lora_B.size(0);
   at::Tensor y = base_forward(x2, base, N, bias);
   at::Tensor u;
@@ -81,11 +82,12 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& u, const at::Tensor& weight,
     const c10::optional<at::Tensor>& absmax, const c10::optional<at::Tensor>& code, int64_t blocksize,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p, int64_t seed,
+    const at::Tensor& lora_A_in, const at::Tensor& lora_B_in, double scaling, double dropout_p, int64_t seed,
     bool need_dx) {
   constexpr const char* op = "lora_linear_bwd";
   const BaseWeight base{weight, absmax, code, blocksize};
-  const at::Tensor x2 = check_lora_args(op, x, base, c10::nullopt, lora_A, lora_B, dropout_p, !base.is_nf4());
+  const at::Tensor x2 = check_lora_args(op, x, base, c10::nullopt, lora_A_in, lora_B_in, dropout_p, !base.is_nf4());
+  const at::Tensor lora_A = lora_A_in.to(x2.scalar_type()), lora_B = lora_B_in.to(x2.scalar_type());
   const int64_t M = x2.size(0), K = x2.size(1), R = lora_A.size(0), N = lora_B.size(0);
   TORCH_CHECK(grad.sizes() == at::IntArrayRef(leading_shape_with(x, N)), op, ": grad must have shape ",
               at::IntArrayRef(leading_shape_with(x, N)), " (x's leading dimensions, out_features), got ",
@@ -141,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
     });
     dA = dAT.t().contiguous();
   }
-  return {need_dx ? dx.view(x.sizes()) : dx, dA, dB};
+  return {need_dx ? dx.view(x.sizes()) : dx, dA.to(lora_A_in.scalar_type()), dB.to(lora_B_in.scalar_type())};
 }
 
 }  // namespace

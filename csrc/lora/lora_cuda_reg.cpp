@@ -39,9 +39,10 @@ at::Tensor dropout_of(const at::Tensor& x2, const Dropout& d) {
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& absmax,
     const c10::optional<at::Tensor>& code, int64_t blocksize, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p, int64_t seed) {
+    const at::Tensor& lora_A_in, const at::Tensor& lora_B_in, double scaling, double dropout_p, int64_t seed) {
   const BaseWeight base{weight, absmax, code, blocksize};
-  const at::Tensor x2 = check_lora_args("lora_linear_fwd", x, base, bias, lora_A, lora_B, dropout_p);
+  const at::Tensor x2 = check_lora_args("lora_linear_fwd", x, base, bias, lora_A_in, lora_B_in, dropout_p);
+  const at::Tensor lora_A = lora_A_in.to(x2.scalar_type()), lora_B = lora_B_in.to(x2.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = lora_B.size(0);
   at::Tensor y = base_forward(x2, base, N, bias);
@@ -56,11 +57,12 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& u, const at::Tensor& weight,
     const c10::optional<at::Tensor>& absmax, const c10::optional<at::Tensor>& code, int64_t blocksize,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p, int64_t seed,
+    const at::Tensor& lora_A_in, const at::Tensor& lora_B_in, double scaling, double dropout_p, int64_t seed,
     bool need_dx) {
   constexpr const char* op = "lora_linear_bwd";
   const BaseWeight base{weight, absmax, code, blocksize};
-  const at::Tensor x2 = check_lora_args(op, x, base, c10::nullopt, lora_A, lora_B, dropout_p);
+  const at::Tensor x2 = check_lora_args(op, x, base, c10::nullopt, lora_A_in, lora_B_in, dropout_p);
+  const at::Tensor lora_A = lora_A_in.to(x2.scalar_type()), lora_B = lora_B_in.to(x2.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x2.size(0), K = x2.size(1), R = lora_A.size(0), N = lora_B.size(0);
   TORCH_CHECK(grad.sizes() == at::IntArrayRef(leading_shape_with(x, N)) && grad.scalar_type() == x.scalar_type(),
@@ -85,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cuda(
                                               dx.data_ptr(), stream()));
     }
   }
-  return {need_dx ? dx.view(x.sizes()) : dx, dA, dB};
+  return {need_dx ? dx.view(x.sizes()) : dx, dA.to(lora_A_in.scalar_type()), dB.to(lora_B_in.scalar_type())};
 }
 
 at::Tensor lora_multi_fwd_cuda(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,

@@ -91,6 +91,25 @@ def test_forward_and_gradients_match_reference(device, dtype, shape, out_f, r, k
         torch.testing.assert_close(got_t.float(), want_t, **GRAD_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_adapters_under_low_precision_input(device, dtype):
+    # fp32 master adapters with a 16-bit layer: products in x's dtype, adapter gradients in fp32.
+    base, w_ref = _base("dense", 24, 40, dtype, device)
+    x = torch.randn(6, 40, device=device, dtype=dtype, requires_grad=True)
+    A = (torch.randn(4, 40, device=device) / 40 ** 0.5).requires_grad_()
+    B = torch.randn(24, 4, device=device, requires_grad=True)
+    y, u = _call(x, base, None, A, B, 0.5, 0.1, 9)
+    assert y.dtype == dtype and u.dtype == dtype
+    g = torch.randn_like(y)
+    dx, dA, dB = torch.autograd.grad(y, [x, A, B], g)
+    assert dA.dtype == torch.float32 and dB.dtype == torch.float32
+    xr = x.detach().float().requires_grad_()
+    Ar, Br = A.detach().to(dtype).float().requires_grad_(), B.detach().to(dtype).float().requires_grad_()
+    want = torch.autograd.grad(lora_linear_ref(xr, w_ref.float(), None, Ar, Br, 0.5, 0.1, 9), [xr, Ar, Br], g.float())
+    for got_t, want_t in zip((dx, dA, dB), want):
+        torch.testing.assert_close(got_t.float(), want_t, **GRAD_TOL[dtype])
+
+
 def test_non_contiguous_inputs(device):
     base, w = _base("dense", 20, 48, torch.float32, device)
     x = torch.randn(6, 96, device=device)[:, ::2]
@@ -249,8 +268,10 @@ def test_bad_input_names_the_argument():
         f(x, torch.randn(5, 7), None, None, 64, None, A, B, 1.0, 0.0, 0)
     with pytest.raises(RuntimeError, match="dropout_p must be in"):
         f(x, W, None, None, 64, None, A, B, 1.0, 1.0, 0)
-    with pytest.raises(RuntimeError, match="must have x's dtype"):
-        f(x, W, None, None, 64, None, A.half(), B, 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="lora_A and lora_B must be float32"):
+        f(x, W, None, None, 64, None, A.to(torch.int32), B, 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="weight must have x's dtype"):
+        f(x, W.half(), None, None, 64, None, A, B, 1.0, 0.0, 0)
     with pytest.raises(RuntimeError, match="float64 inputs need a dense base|must be float32"):
         q = peftx.nf4_quantize(W)
         f(x.double(), q.packed, q.absmax_fp32(), q.code, 64, None, A.double(), B.double(), 1.0, 0.0, 0)

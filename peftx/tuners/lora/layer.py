@@ -278,8 +278,7 @@ class LoraLinear(LoraLayer):
         seed = lora_ops.draw_seed() if p > 0 else 0
         bias = self.base_layer.bias
         y, _ = lora_ops.lora_linear_fwd(x.to(cd), self._weight_out_in(), None, None, 64, bias,
-                                        self.lora_A[name].weight.to(cd), self.lora_B[name].weight.to(cd),
-                                        spec.scaling, p, seed)
+                                        self.lora_A[name].weight, self.lora_B[name].weight, spec.scaling, p, seed)
         return y
 
     def _merge_one(self, name, safe_merge):
@@ -338,8 +337,7 @@ class LoraLinear4bit(LoraLayer):
         w = base.weight
         bias = base.bias.to(cd) if base.bias is not None else None
         y, _ = lora_ops.lora_linear_fwd(x.to(cd), w.packed, w.absmax_fp32(), w.code, w.blocksize, bias,
-                                        self.lora_A[name].weight.to(cd), self.lora_B[name].weight.to(cd),
-                                        spec.scaling, p, seed)
+                                        self.lora_A[name].weight, self.lora_B[name].weight, spec.scaling, p, seed)
         return y.to(x.dtype)
 
     def _merge_one(self, name, safe_merge):
