@@ -202,3 +202,30 @@ def test_training_trajectory_equals_hf_peft():
         curves.append(losses)
     torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), atol=1e-4, rtol=1e-5)
     assert curves[0][-1] < curves[0][0] - 0.3
+
+
+@pytest.mark.parametrize("kw", [
+    dict(r=4, rank_pattern={"q_proj": 2, r"layers\.1\.self_attn\.v_proj": 6}, alpha_pattern={"v_proj": 3}),
+    dict(r=4, target_modules=r".*layers\.0\.self_attn\.(q|k)_proj"),
+    dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1]),
+    dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=0, layers_pattern="layers"),
+    dict(r=4, target_modules="all-linear", exclude_modules=["o_proj", "up_proj"]),
+    dict(r=3, use_rslora=True, lora_alpha=7),
+])
+def test_config_options_match_hf(kw, tmp_path):
+    model, inputs, task = make("llama")
+    theirs = peft.get_peft_model(twin(model), hf_config(task, init_lora_weights=False, **kw))
+    ours = peftx.get_peft_model(twin(model), ours_config(task, init_lora_weights=False, **kw))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    theirs.save_pretrained(tmp_path)
+    loaded = peftx.PeftModel.from_pretrained(twin(model), tmp_path)
+    torch.testing.assert_close(logits(loaded, inputs), logits(theirs.eval(), inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_generate_passthrough_matches_hf(tmp_path):
+    model, inputs, task, hf = _randomized_hf("llama", r=4)
+    hf.save_pretrained(tmp_path)
+    ours = peftx.PeftModel.from_pretrained(twin(model), tmp_path)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(input_ids=inputs["input_ids"], **kw),
+                       hf.eval().generate(input_ids=inputs["input_ids"], **kw))
