@@ -14,7 +14,7 @@ from tests.integration.tiny_models import logits, make, twin
 
 peft = pytest.importorskip("peft")
 
-KINDS = ["llama", "gpt2", "bert", "mistral", "qwen2", "roberta", "t5"]
+KINDS = ["llama", "gpt2", "bert", "mistral", "qwen2", "roberta", "t5", "mt5"]
 
 
 def printed(fn):
@@ -229,3 +229,23 @@ def test_generate_passthrough_matches_hf(tmp_path):
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.generate(input_ids=inputs["input_ids"], **kw),
                        hf.eval().generate(input_ids=inputs["input_ids"], **kw))
+
+
+def test_add_set_delete_adapter_model_level():
+    model, inputs, task = make("llama")
+    pm = peftx.get_peft_model(twin(model), ours_config(task, r=4, init_lora_weights=False))
+    first = logits(pm.eval(), inputs)
+    pm.add_adapter("second", ours_config(task, r=2, init_lora_weights=False))
+    torch.testing.assert_close(logits(pm, inputs), first)  # adding does not activate
+    pm.set_adapter("second")
+    second = logits(pm, inputs)
+    assert not torch.allclose(first, second)
+    assert all("second" in n for n, p in pm.named_parameters() if p.requires_grad)
+    pm.delete_adapter("second")
+    assert pm.active_adapter == "default" and "second" not in pm.peft_config
+    assert not any("second" in n for n, _ in pm.named_parameters())
+    torch.testing.assert_close(logits(pm, inputs), first)
+    with pytest.raises(ValueError, match="unknown adapter 'second'"):
+        pm.set_adapter("second")
+    with pytest.raises(ValueError, match="already exists"):
+        pm.add_adapter("default", ours_config(task))
