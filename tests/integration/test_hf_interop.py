@@ -249,3 +249,20 @@ def test_add_set_delete_adapter_model_level():
         pm.set_adapter("second")
     with pytest.raises(ValueError, match="already exists"):
         pm.add_adapter("default", ours_config(task))
+
+
+def test_embedding_and_lm_head_targets_match_hf(tmp_path):
+    # Embedding LoRA (lora_embedding_A/B) and a tied output layer: files move both ways.
+    model, inputs, task = make("gpt2")
+    kw = dict(r=4, target_modules=["wte", "c_attn"], init_lora_weights=False)
+    hf = peft.get_peft_model(twin(model), hf_config(task, **kw))
+    ours = peftx.get_peft_model(twin(model), ours_config(task, **kw))
+    assert ours.get_nb_trainable_parameters() == hf.get_nb_trainable_parameters()
+    wte = ours.base_model.model.transformer.wte
+    assert isinstance(wte, peftx.LoraEmbedding) and wte.weight is wte.base_layer.weight
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = peftx.PeftModel.from_pretrained(twin(model), tmp_path / "hf")
+    torch.testing.assert_close(logits(loaded, inputs), logits(hf.eval(), inputs), atol=1e-5, rtol=1e-5)
+    loaded.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(twin(model), tmp_path / "ours")
+    torch.testing.assert_close(logits(back, inputs), logits(hf, inputs), atol=1e-5, rtol=1e-5)
