@@ -105,8 +105,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cpu(const at:
   const float* c = cd.const_data_ptr<float>();
   uint8_t* qp = q.data_ptr<uint8_t>();
   float* np = nested.data_ptr<float>();
-  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) quantize8_block(b, x, n, blocksize, c, qp, np);
+  const cpu::Kernels& kt = cpu::active_kernels();
+  at::parallel_for(0, blocks, grain(blocksize * 16), [&](int64_t b0, int64_t b1) {
+    kt.double_quantize_blocks(x, n, blocksize, c, b0, b1, qp, np);
   });
   return {q, nested, offset};
 }

@@ -10,6 +10,8 @@ namespace avx512 {
 
 void quantize_blocks(Dt dt, const void* w, int64_t n, int64_t blocksize, int64_t b0, int64_t b1, uint8_t* packed,
                      float* absmax);
+void double_quantize_blocks(const float* x, int64_t n, int64_t blocksize, const float* code, int64_t b0, int64_t b1,
+                            uint8_t* q, float* absmax);
 void decode(const Weight4& w, int64_t j0, int64_t j1, Dt dt, void* out);
 void double_dequantize(const uint8_t* q, const float* nested, const float* code, int64_t blocksize, float offset,
                        int64_t i0, int64_t i1, float* out);

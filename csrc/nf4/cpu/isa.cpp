@@ -73,6 +73,7 @@ Isa active_isa() {
 const Kernels& avx512_kernels() {
   static const Kernels table = {"avx512",
                                 avx512::quantize_blocks,
+                                avx512::double_quantize_blocks,
                                 avx512::decode,
                                 avx512::double_dequantize,
                                 avx512::gemv_rows_f32,
@@ -87,6 +88,7 @@ const Kernels& avx512_kernels() {
 const Kernels& avx2_kernels() {
   static const Kernels table = {"avx2",
                                 avx2::quantize_blocks,
+                                scalar_kernels().double_quantize_blocks,
                                 avx2::decode,
                                 scalar_kernels().double_dequantize,
                                 avx2::gemv_rows_f32,

@@ -47,6 +47,10 @@ struct Kernels {
   // nf4_math.h's quantize_block. NaN inputs leave a NaN absmax.
   void (*quantize_blocks)(Dt dt, const void* w, int64_t n, int64_t blocksize, int64_t b0, int64_t b1,
                           uint8_t* packed, float* absmax);
+  // 8-bit blockwise quantization of x (n fp32) with the sorted 256-entry code: blocks [b0, b1),
+  // byte-equal to nf4_math.h's quantize8_block.
+  void (*double_quantize_blocks)(const float* x, int64_t n, int64_t blocksize, const float* code, int64_t b0,
+                                 int64_t b1, uint8_t* q, float* absmax);
   // out[i] = decode(j0 + i) rounded to dt, i in [0, j1 - j0): exactly nf4_math.h's decode + store.
   void (*decode)(const Weight4& w, int64_t j0, int64_t j1, Dt dt, void* out);
   // out[i] = code[q[i]] * nested[i / blocksize] + offset (two roundings), i in [i0, i1).

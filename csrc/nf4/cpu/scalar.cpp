@@ -28,6 +28,11 @@ void quantize_blocks(Dt dt, const void* w, int64_t n, int64_t blocksize, int64_t
   }
 }
 
+void double_quantize_blocks(const float* x, int64_t n, int64_t blocksize, const float* code, int64_t b0, int64_t b1,
+                            uint8_t* q, float* absmax) {
+  for (int64_t b = b0; b < b1; ++b) quantize8_block(b, x, n, blocksize, code, q, absmax);
+}
+
 template <typename T>
 void decode_t(const Weight4& w, int64_t j0, int64_t j1, T* out) {
   int64_t j = j0;
@@ -70,7 +75,7 @@ void axpy(int nv, const float* c, const float* const* v, int64_t n, float* acc) 
 }
 
 // No gemv_rows: the products decode a row with `decode` and call `dot` (nf4_cpu.cpp).
-const Kernels kTable = {"scalar", quantize_blocks, decode, double_dequantize, nullptr, 0, nullptr, 0, dot, axpy};
+const Kernels kTable = {"scalar", quantize_blocks, double_quantize_blocks, decode, double_dequantize, nullptr, 0, nullptr, 0, dot, axpy};
 
 }  // namespace
 
