@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/dispatch.h"
+#include "common/huge_pages.h"
 #include "nf4/cpu/isa.h"
 #include "nf4/cpu/plan.h"
 #include "nf4/nf4_checks.h"
@@ -81,6 +82,7 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
   const cpu::Dt dt = to_dt(dtype);
   char* dst = static_cast<char*>(out.data_ptr());
   const int64_t esize = out.element_size();
+  advise_huge_pages(dst, static_cast<size_t>(n * esize));
   // Tasks own whole bytes (pairs of elements); decode takes any range.
   at::parallel_for(0, (n + 1) / 2, grain(2), [&](int64_t i0, int64_t i1) {
     kt.decode(wv, 2 * i0, std::min(n, 2 * i1), dt, dst + 2 * i0 * esize);
@@ -156,7 +158,7 @@ void gemv(const cpu::Kernels& kt, const cpu::Weight4& w, const at::Tensor& x2, c
   const cpu::GemvRowsFn rows_fn = bf16 ? kt.gemv_rows_bf16 : kt.gemv_rows_f32;
   if (rows_fn != nullptr && K % 32 == 0) {
     const int64_t chunk = bf16 ? kt.gemv_chunk_bf16 : kt.gemv_chunk_f32;
-    const int64_t stride = (K + chunk - 1) / chunk * chunk;
+    const int64_t stride = cpu::gemv_x_stride(K, chunk);
     at::Tensor xp = at::empty({M * stride}, x2.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
     cpu::gemv_pack_x(x2.const_data_ptr(), to_dt(x2.scalar_type()), M, K, K, chunk, bf16, xp.data_ptr());
     const cpu::GemvX xv{xp.const_data_ptr(), M, stride, bf16};

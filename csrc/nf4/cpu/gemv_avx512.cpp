@@ -9,6 +9,7 @@
 #include <algorithm>
 
 #include "nf4/cpu/avx512.h"
+#include "nf4/cpu/plan.h"
 #include "nf4/cpu/simd_avx512.h"
 #include "nf4/nf4_math.h"
 
@@ -18,7 +19,8 @@ namespace cpu {
 namespace avx512 {
 namespace {
 
-constexpr int kMaxTokens = 4;  // tokens per pass over a row (accumulators: 4 * tokens registers)
+constexpr int kMaxTokens = 4;  // tokens per pass over a panel (accumulators: 4 * tokens registers)
+constexpr int64_t kMaxGemvTokens = kGemvMaxTokens;
 
 template <typename T>
 void store_results(int tm, const float* res, int64_t m0, int64_t o, const float* bias, T* y, int64_t ldy) {
@@ -55,23 +57,25 @@ PEFTX_AVX512_INLINE void chunk_f32(const uint8_t* bytes, __m512 code, float scal
   }
 }
 
+// Features [k0, k1) of row o for TM tokens; adds each token's partial sums to part[m].
 template <int TM>
-PEFTX_AVX512 void row_f32(const Weight4& w, const float* x, int64_t stride, int64_t o, float* res) {
-  const int64_t K = w.cols, j0 = o * K;
+PEFTX_AVX512 void panel_f32(const Weight4& w, const float* x, int64_t stride, int64_t o, int64_t k0, int64_t k1,
+                            __m512* part) {
+  const int64_t j0 = o * w.cols;
   const int shift = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize));
   const uint8_t* p = w.packed + j0 / 2;
   const __m512 code = _mm512_loadu_ps(w.code);
   // Two chunks per step into separate accumulators: four independent FMA chains per token.
   __m512 a[2][TM], b[2][TM];
   for (int m = 0; m < TM; ++m) a[0][m] = a[1][m] = b[0][m] = b[1][m] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
+  int64_t k = k0;
+  for (; k + 64 <= k1; k += 64) {
     chunk_f32<TM>(p + k / 2, code, w.absmax[(j0 + k) >> shift], x + k, stride, a);
     chunk_f32<TM>(p + k / 2 + 16, code, w.absmax[(j0 + k + 32) >> shift], x + k + 32, stride, b);
   }
-  if (k < K) chunk_f32<TM>(p + k / 2, code, w.absmax[(j0 + k) >> shift], x + k, stride, a);
+  if (k < k1) chunk_f32<TM>(p + k / 2, code, w.absmax[(j0 + k) >> shift], x + k, stride, a);
   for (int m = 0; m < TM; ++m)
-    res[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0][m], a[1][m]), _mm512_add_ps(b[0][m], b[1][m])));
+    part[m] = _mm512_add_ps(part[m], _mm512_add_ps(_mm512_add_ps(a[0][m], a[1][m]), _mm512_add_ps(b[0][m], b[1][m])));
 }
 
 // --- bf16 activations ----------------------------------------------------------------------
@@ -96,8 +100,8 @@ PEFTX_AVX512BF16 static inline __attribute__((always_inline)) void chunk_bf16(__
 }
 
 template <int TM>
-PEFTX_AVX512BF16 void row_bf16(const Weight4& w, const uint16_t* x, int64_t stride, __m512i code32, int64_t o,
-                               float* res) {
+PEFTX_AVX512BF16 void panel_bf16(const Weight4& w, const uint16_t* x, int64_t stride, __m512i code32, int64_t o,
+                                 int64_t k0, int64_t k1, __m512* part) {
   const int64_t K = w.cols, j0 = o * K;
   const int shift = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize));
   const uint8_t* p = w.packed + j0 / 2;
@@ -105,8 +109,8 @@ PEFTX_AVX512BF16 void row_bf16(const Weight4& w, const uint16_t* x, int64_t stri
   const bool uniform = w.blocksize >= 64 && K % 64 == 0;
   __m512 a[2][TM], b[2][TM];
   for (int m = 0; m < TM; ++m) a[0][m] = a[1][m] = b[0][m] = b[1][m] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 128 <= K; k += 128) {
+  int64_t k = k0;
+  for (; k + 128 <= k1; k += 128) {
     __m512 s0, s1;
     if (uniform) {
       s0 = _mm512_set1_ps(w.absmax[(j0 + k) >> shift]);
@@ -121,10 +125,10 @@ PEFTX_AVX512BF16 void row_bf16(const Weight4& w, const uint16_t* x, int64_t stri
     chunk_bf16<TM>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k / 2 + 32)), code32, s1, x + k + 64,
                    stride, b);
   }
-  for (; k < K; k += 64) {
-    // The last one or two 64-feature chunks; a final 32-feature half reads 16 bytes and pairs
-    // with x's zero padding.
-    const int64_t bytes = std::min<int64_t>(32, (K - k) / 2);
+  for (; k < k1; k += 64) {
+    // The last one or two 64-feature chunks; a row's final 32-feature half reads 16 bytes and
+    // pairs with x's zero padding.
+    const int64_t bytes = std::min<int64_t>(32, (k1 - k) / 2);
     const float s_lo = w.absmax[(j0 + k) >> shift];
     const float s_hi = bytes == 32 ? w.absmax[(j0 + k + 32) >> shift] : s_lo;
     const __m512 s = _mm512_insertf32x8(_mm512_set1_ps(s_lo), _mm256_set1_ps(s_hi), 1);
@@ -132,44 +136,66 @@ PEFTX_AVX512BF16 void row_bf16(const Weight4& w, const uint16_t* x, int64_t stri
     chunk_bf16<TM>(raw, code32, s, x + k, stride, a);
   }
   for (int m = 0; m < TM; ++m)
-    res[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0][m], a[1][m]), _mm512_add_ps(b[0][m], b[1][m])));
+    part[m] = _mm512_add_ps(part[m], _mm512_add_ps(_mm512_add_ps(a[0][m], a[1][m]), _mm512_add_ps(b[0][m], b[1][m])));
 }
 
-template <int TM>
-PEFTX_AVX512BF16 void rows_bf16(const Weight4& w, const GemvX& x, int64_t m0, int64_t o0, int64_t o1,
-                                __m512i code32, const float* bias, Dt out_dt, void* y, int64_t ldy) {
-  const uint16_t* xp = static_cast<const uint16_t*>(x.data) + m0 * x.stride;
-  float res[TM];
-  for (int64_t o = o0; o < o1; ++o) {
-    row_bf16<TM>(w, xp, x.stride, code32, o, res);
-    store_results(out_dt, TM, res, m0, o, bias, y, ldy);
-  }
+// Loop order of both kernels: groups of kGroupRows rows; for each, panels of the features whose
+// activations (all tokens) fit in L1; for each row of the group and each tile of up to kMaxTokens
+// tokens, the panel's partial sums. So W streams from memory once, x is read from L1, and the
+// partial sums of a group (kGroupRows x tokens vectors) stay in L1 too.
+constexpr int kGroupRows = 8;
+constexpr int64_t kPanelBytes = 32 << 10;
+
+int64_t panel_features(int64_t cols, int64_t tokens, int64_t elem) {
+  const int64_t p = std::max<int64_t>(256, kPanelBytes / (tokens * elem) / 64 * 64);
+  return p >= cols ? cols : p;
 }
 
-template <int TM>
-PEFTX_AVX512 void rows_f32(const Weight4& w, const GemvX& x, int64_t m0, int64_t o0, int64_t o1, const float* bias,
-                           Dt out_dt, void* y, int64_t ldy) {
-  const float* xp = static_cast<const float*>(x.data) + m0 * x.stride;
-  float res[TM];
-  for (int64_t o = o0; o < o1; ++o) {
-    row_f32<TM>(w, xp, x.stride, o, res);
-    store_results(out_dt, TM, res, m0, o, bias, y, ldy);
+template <typename PanelFn>
+PEFTX_AVX512 void rows_panelled(const Weight4& w, const GemvX& x, int64_t o0, int64_t o1, const float* bias,
+                                Dt out_dt, void* y, int64_t ldy, PanelFn&& panel) {
+  const int64_t M = x.tokens, K = w.cols;
+  const int64_t P = panel_features(K, M, x.bf16 ? 2 : 4);
+  alignas(64) __m512 part[kGroupRows * kMaxGemvTokens];
+  for (int64_t og = o0; og < o1; og += kGroupRows) {
+    const int64_t nr = std::min<int64_t>(kGroupRows, o1 - og);
+    for (int64_t i = 0; i < nr * M; ++i) part[i] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += P) {
+      const int64_t k1 = std::min(K, k0 + P);
+      for (int64_t r = 0; r < nr; ++r) {
+        // Short strided runs (P / 2 bytes of each row) escape the hardware prefetcher: fetch the
+        // row's next panel (or, after the last panel, the next group's first) one panel ahead.
+        if (P < K) {
+          const int64_t next = k1 < K ? (og + r) * K + k1 : (og + kGroupRows + r) * K;
+          const int64_t end = std::min(next + P, w.rows * K);
+          for (int64_t j = next; j < end; j += 128) _mm_prefetch(reinterpret_cast<const char*>(w.packed + j / 2), _MM_HINT_T0);
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += kMaxTokens) panel(og + r, m0, k0, k1, part + r * M + m0);
+      }
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      float res[kMaxGemvTokens];
+      for (int64_t m = 0; m < M; ++m) res[m] = _mm512_reduce_add_ps(part[r * M + m]);
+      store_results(out_dt, static_cast<int>(M), res, 0, og + r, bias, y, ldy);
+    }
   }
 }
 
 }  // namespace
 
-void gemv_rows_f32(const Weight4& w, const GemvX& x, int64_t o0, int64_t o1, const float* bias, Dt out_dt, void* y,
-                   int64_t ldy) {
-  // Token tiles of up to kMaxTokens: rows are re-read from L1 for each tile, never from memory.
-  for (int64_t m0 = 0; m0 < x.tokens; m0 += kMaxTokens) {
-    switch (std::min<int64_t>(kMaxTokens, x.tokens - m0)) {
-      case 1: rows_f32<1>(w, x, m0, o0, o1, bias, out_dt, y, ldy); break;
-      case 2: rows_f32<2>(w, x, m0, o0, o1, bias, out_dt, y, ldy); break;
-      case 3: rows_f32<3>(w, x, m0, o0, o1, bias, out_dt, y, ldy); break;
-      default: rows_f32<4>(w, x, m0, o0, o1, bias, out_dt, y, ldy); break;
+PEFTX_AVX512 void gemv_rows_f32(const Weight4& w, const GemvX& x, int64_t o0, int64_t o1, const float* bias,
+                                Dt out_dt, void* y, int64_t ldy) {
+  const float* xp = static_cast<const float*>(x.data);
+  const int64_t stride = x.stride, M = x.tokens;
+  rows_panelled(w, x, o0, o1, bias, out_dt, y, ldy, [&](int64_t o, int64_t m0, int64_t k0, int64_t k1, __m512* part) {
+    const float* xm = xp + m0 * stride;
+    switch (std::min<int64_t>(kMaxTokens, M - m0)) {
+      case 1: return panel_f32<1>(w, xm, stride, o, k0, k1, part);
+      case 2: return panel_f32<2>(w, xm, stride, o, k0, k1, part);
+      case 3: return panel_f32<3>(w, xm, stride, o, k0, k1, part);
+      default: return panel_f32<4>(w, xm, stride, o, k0, k1, part);
     }
-  }
+  });
 }
 
 PEFTX_AVX512BF16 void gemv_rows_bf16(const Weight4& w, const GemvX& x, int64_t o0, int64_t o1, const float* bias,
@@ -177,14 +203,17 @@ PEFTX_AVX512BF16 void gemv_rows_bf16(const Weight4& w, const GemvX& x, int64_t o
   alignas(64) uint16_t table[32];
   for (int i = 0; i < 32; ++i) table[i] = bf16_from_float(w.code[i & 15]).bits;
   const __m512i code32 = _mm512_load_si512(table);
-  for (int64_t m0 = 0; m0 < x.tokens; m0 += kMaxTokens) {
-    switch (std::min<int64_t>(kMaxTokens, x.tokens - m0)) {
-      case 1: rows_bf16<1>(w, x, m0, o0, o1, code32, bias, out_dt, y, ldy); break;
-      case 2: rows_bf16<2>(w, x, m0, o0, o1, code32, bias, out_dt, y, ldy); break;
-      case 3: rows_bf16<3>(w, x, m0, o0, o1, code32, bias, out_dt, y, ldy); break;
-      default: rows_bf16<4>(w, x, m0, o0, o1, code32, bias, out_dt, y, ldy); break;
+  const uint16_t* xp = static_cast<const uint16_t*>(x.data);
+  const int64_t stride = x.stride, M = x.tokens;
+  rows_panelled(w, x, o0, o1, bias, out_dt, y, ldy, [&](int64_t o, int64_t m0, int64_t k0, int64_t k1, __m512* part) {
+    const uint16_t* xm = xp + m0 * stride;
+    switch (std::min<int64_t>(kMaxTokens, M - m0)) {
+      case 1: return panel_bf16<1>(w, xm, stride, code32, o, k0, k1, part);
+      case 2: return panel_bf16<2>(w, xm, stride, code32, o, k0, k1, part);
+      case 3: return panel_bf16<3>(w, xm, stride, code32, o, k0, k1, part);
+      default: return panel_bf16<4>(w, xm, stride, code32, o, k0, k1, part);
     }
-  }
+  });
 }
 
 }  // namespace avx512

@@ -11,7 +11,7 @@ namespace {
 
 template <typename T, typename Out>
 void pack(const T* x, int64_t tokens, int64_t cols, int64_t ldx, int64_t chunk, Out* out) {
-  const int64_t stride = (cols + chunk - 1) / chunk * chunk, half = chunk / 2;
+  const int64_t stride = gemv_x_stride(cols, chunk), half = chunk / 2;
   for (int64_t m = 0; m < tokens; ++m) {
     const T* xr = x + m * ldx;
     Out* o = out + m * stride;

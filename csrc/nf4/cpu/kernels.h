@@ -73,6 +73,10 @@ const Kernels& scalar_kernels();
 const Kernels& avx2_kernels();
 const Kernels& avx512_kernels();
 
+// Elements per token of the GemvX layout: whole chunks, plus one more so that token rows are not
+// a power-of-two apart (rows 2^k bytes apart share L1 sets; 4 tokens are read together).
+inline int64_t gemv_x_stride(int64_t cols, int64_t chunk) { return (cols + chunk - 1) / chunk * chunk + chunk; }
+
 // Writes x (tokens x cols, row stride ldx, dtype dt) in the GemvX layout of `chunk` into out.
 void gemv_pack_x(const void* x, Dt dt, int64_t tokens, int64_t cols, int64_t ldx, int64_t chunk, bool bf16,
                  void* out);
