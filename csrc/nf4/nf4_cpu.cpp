@@ -239,22 +239,41 @@ at::Tensor nf4_matmul_t_cpu(const at::Tensor& grad, const at::Tensor& packed, co
   const cpu::Weight4 w = weight_view(pk, am, cd, blocksize, N, K);
   const cpu::Kernels& kt = cpu::active_kernels();
   if (M == 0 || N == 0 || K == 0) return at::zeros(leading_shape(grad, K), grad.options());
+  if (M <= cpu::kGemvTMaxTokens && kt.gemv_t_rows != nullptr && K % 32 == 0) {
+    // dx = g W: rows split over tasks, each accumulating a private dx (fp32, chunk-32 layout) with
+    // W decoded in registers; then the partial sums are added and put in natural order.
+    const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 16));
+    at::Tensor part = at::zeros({tasks, M, K}, g2.options().dtype(at::kFloat));
+    const at::Tensor gf = g2.to(at::kFloat).contiguous();
+    const float* gp = gf.const_data_ptr<float>();
+    float* pp = part.data_ptr<float>();
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        kt.gemv_t_rows(w, gp, N, M, N * t / tasks, N * (t + 1) / tasks, pp + t * M * K);
+    });
+    const at::Tensor acc = (tasks > 1 ? part.sum(0) : part[0]).view({M, K / 32, 2, 16}).transpose(2, 3).reshape({M, K});
+    return acc.to(grad.scalar_type()).reshape(leading_shape(grad, K));
+  }
   if (M <= cpu::kGemvTMaxTokens) {
-    // dx[m, k0:k1] = sum_o g[m, o] W[o, k0:k1]: each task owns a column range of dx (fp32), decodes
-    // four rows of it at a time and accumulates them with one pass over dx.
+    // dx[m, k0:k1] = sum_o g[m, o] W[o, k0:k1]: each task owns column chunks of dx (fp32); for each
+    // chunk it decodes four rows at a time into an L1-sized buffer and accumulates them with one
+    // pass over the chunk of dx.
     at::Tensor acc = at::zeros({M, K}, g2.options().dtype(at::kFloat));
     const at::Tensor gf = g2.to(at::kFloat).contiguous();
     const float* gp = gf.const_data_ptr<float>();
     float* dp = acc.data_ptr<float>();
-    constexpr int64_t kCols = 64;
-    at::parallel_for(0, (K + kCols - 1) / kCols, grain(N * kCols), [&](int64_t c0, int64_t c1) {
-      const int64_t k0 = c0 * kCols, k1 = std::min(K, c1 * kCols), width = k1 - k0;
-      std::vector<float> rows(4 * width);
-      const float* v[4] = {rows.data(), rows.data() + width, rows.data() + 2 * width, rows.data() + 3 * width};
-      for (int64_t o = 0; o < N; o += 4) {
-        const int nv = static_cast<int>(std::min<int64_t>(4, N - o));
-        for (int r = 0; r < nv; ++r) kt.decode(w, (o + r) * K + k0, (o + r) * K + k1, cpu::Dt::kF32, rows.data() + r * width);
-        for (int64_t m = 0; m < M; ++m) kt.axpy(nv, gp + m * N + o, v, width, dp + m * K + k0);
+    constexpr int64_t kCols = 512;
+    at::parallel_for(0, (K + kCols - 1) / kCols, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<float> rows(4 * kCols);
+      const float* v[4] = {rows.data(), rows.data() + kCols, rows.data() + 2 * kCols, rows.data() + 3 * kCols};
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t k0 = c * kCols, k1 = std::min(K, k0 + kCols), width = k1 - k0;
+        for (int64_t o = 0; o < N; o += 4) {
+          const int nv = static_cast<int>(std::min<int64_t>(4, N - o));
+          for (int r = 0; r < nv; ++r)
+            kt.decode(w, (o + r) * K + k0, (o + r) * K + k1, cpu::Dt::kF32, rows.data() + r * kCols);
+          for (int64_t m = 0; m < M; ++m) kt.axpy(nv, gp + m * N + o, v, width, dp + m * K + k0);
+        }
       }
     });
     return acc.to(grad.scalar_type()).reshape(leading_shape(grad, K));

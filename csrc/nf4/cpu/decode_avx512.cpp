@@ -61,10 +61,34 @@ void decode(const Weight4& w, int64_t j0, int64_t j1, Dt dt, void* out) {
   }
 }
 
-// out[i] = code[q[i]] * nested[i / blocksize] + offset: a 16-lane gather from the 256-entry code,
-// then a separately rounded multiply and add (no FMA: the scalar definition rounds twice).
+namespace {
+
+// code[idx] for 16 indices in [0, 256): the 256-entry table held in 16 registers; vpermt2ps picks
+// within pairs of registers by the low 5 index bits, then bits 5, 6, 7 select between the pairs
+// (gathers are several times slower on some CPUs).
+struct Table256 {
+  __m512 t[16];
+};
+
+PEFTX_AVX512_INLINE __m512 lookup256(const Table256& tab, __m512i idx) {
+  __m512 r[8];
+  for (int k = 0; k < 8; ++k) r[k] = _mm512_permutex2var_ps(tab.t[2 * k], idx, tab.t[2 * k + 1]);
+  const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+  const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+  const __mmask16 b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+  for (int k = 0; k < 4; ++k) r[k] = _mm512_mask_blend_ps(b5, r[2 * k], r[2 * k + 1]);
+  for (int k = 0; k < 2; ++k) r[k] = _mm512_mask_blend_ps(b6, r[2 * k], r[2 * k + 1]);
+  return _mm512_mask_blend_ps(b7, r[0], r[1]);
+}
+
+}  // namespace
+
+// out[i] = code[q[i]] * nested[i / blocksize] + offset: a 16-lane table lookup, then a separately
+// rounded multiply and add (no FMA: the scalar definition rounds twice).
 PEFTX_AVX512 void double_dequantize(const uint8_t* q, const float* nested, const float* code, int64_t blocksize,
                                     float offset, int64_t i0, int64_t i1, float* out) {
+  Table256 tab;
+  for (int k = 0; k < 16; ++k) tab.t[k] = _mm512_loadu_ps(code + 16 * k);
   const __m512 off = _mm512_set1_ps(offset);
   int64_t i = i0;
   while (i < i1) {
@@ -74,8 +98,7 @@ PEFTX_AVX512 void double_dequantize(const uint8_t* q, const float* nested, const
     for (; i < end; i += 16) {
       const int64_t count = std::min<int64_t>(16, end - i);
       const __mmask16 m = static_cast<__mmask16>((1u << count) - 1u);
-      const __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, q + i));
-      const __m512 c = _mm512_i32gather_ps(idx, code, 4);
+      const __m512 c = lookup256(tab, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, q + i)));
       _mm512_mask_storeu_ps(out + i, m, _mm512_add_ps(_mm512_mul_ps(c, scale), off));
     }
     i = end;

@@ -80,6 +80,7 @@ const Kernels& avx512_kernels() {
                                 32,
                                 cpu_has_avx512bf16() ? avx512::gemv_rows_bf16 : nullptr,
                                 64,
+                                avx512::gemv_t_rows,
                                 avx512::dot,
                                 avx512::axpy};
   return table;
@@ -95,6 +96,7 @@ const Kernels& avx2_kernels() {
                                 16,
                                 nullptr,
                                 0,
+                                nullptr,
                                 avx2::dot,
                                 avx2::axpy};
   return table;

@@ -64,6 +64,10 @@ struct Kernels {
   int64_t gemv_chunk_f32;
   GemvRowsFn gemv_rows_bf16;
   int64_t gemv_chunk_bf16;
+  // acc[m, :] += sum_{o in [o0, o1)} g[m * ldg + o] W[o, :] for m < tokens, acc [tokens, cols] fp32
+  // in the GemvX chunk-32 layout; cols % 32 == 0 (nullptr: decode + axpy instead).
+  void (*gemv_t_rows)(const Weight4& w, const float* g, int64_t ldg, int64_t tokens, int64_t o0, int64_t o1,
+                      float* acc);
   // dot(a, b) over n fp32, and acc[i] += sum_r c[r] * v[r][i] for r < nv (nv <= 4), i < n.
   float (*dot)(const float* a, const float* b, int64_t n);
   void (*axpy)(int nv, const float* c, const float* const* v, int64_t n, float* acc);
