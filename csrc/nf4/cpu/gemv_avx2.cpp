@@ -42,12 +42,12 @@ PEFTX_AVX2 void row(const Weight4& w, const GemvX& x, int64_t m0, int64_t o, con
   const int shift = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize));
   const Code16 code = load_code(w.code);
   const float* xp = static_cast<const float*>(x.data) + m0 * x.stride;
-  const uint8_t* p = w.packed + j0 / 2;
+  const uint8_t* p = w.packed + (j0 >> 1);
   __m256 a[2][TM], b[2][TM];
   for (int m = 0; m < TM; ++m) a[0][m] = a[1][m] = b[0][m] = b[1][m] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {  // cols % 32 == 0
-    chunk<TM>(p + k / 2, code, w.absmax[(j0 + k) >> shift], xp + k, x.stride, a);
-    chunk<TM>(p + k / 2 + 8, code, w.absmax[(j0 + k + 16) >> shift], xp + k + 16, x.stride, b);
+    chunk<TM>(p + (k >> 1), code, w.absmax[(j0 + k) >> shift], xp + k, x.stride, a);
+    chunk<TM>(p + (k >> 1) + 8, code, w.absmax[(j0 + k + 16) >> shift], xp + k + 16, x.stride, b);
   }
   float res[TM];
   for (int m = 0; m < TM; ++m)

@@ -63,17 +63,17 @@ PEFTX_AVX512 void panel_f32(const Weight4& w, const float* x, int64_t stride, in
                             __m512* part) {
   const int64_t j0 = o * w.cols;
   const int shift = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize));
-  const uint8_t* p = w.packed + j0 / 2;
+  const uint8_t* p = w.packed + (j0 >> 1);
   const __m512 code = _mm512_loadu_ps(w.code);
   // Two chunks per step into separate accumulators: four independent FMA chains per token.
   __m512 a[2][TM], b[2][TM];
   for (int m = 0; m < TM; ++m) a[0][m] = a[1][m] = b[0][m] = b[1][m] = _mm512_setzero_ps();
   int64_t k = k0;
   for (; k + 64 <= k1; k += 64) {
-    chunk_f32<TM>(p + k / 2, code, w.absmax[(j0 + k) >> shift], x + k, stride, a);
-    chunk_f32<TM>(p + k / 2 + 16, code, w.absmax[(j0 + k + 32) >> shift], x + k + 32, stride, b);
+    chunk_f32<TM>(p + (k >> 1), code, w.absmax[(j0 + k) >> shift], x + k, stride, a);
+    chunk_f32<TM>(p + (k >> 1) + 16, code, w.absmax[(j0 + k + 32) >> shift], x + k + 32, stride, b);
   }
-  if (k < k1) chunk_f32<TM>(p + k / 2, code, w.absmax[(j0 + k) >> shift], x + k, stride, a);
+  if (k < k1) chunk_f32<TM>(p + (k >> 1), code, w.absmax[(j0 + k) >> shift], x + k, stride, a);
   for (int m = 0; m < TM; ++m)
     part[m] = _mm512_add_ps(part[m], _mm512_add_ps(_mm512_add_ps(a[0][m], a[1][m]), _mm512_add_ps(b[0][m], b[1][m])));
 }
@@ -104,7 +104,7 @@ PEFTX_AVX512BF16 void panel_bf16(const Weight4& w, const uint16_t* x, int64_t st
                                  int64_t k0, int64_t k1, __m512* part) {
   const int64_t K = w.cols, j0 = o * K;
   const int shift = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize));
-  const uint8_t* p = w.packed + j0 / 2;
+  const uint8_t* p = w.packed + (j0 >> 1);
   // With blocksize >= 64 and cols % 64 == 0 a 64-feature chunk never crosses a block.
   const bool uniform = w.blocksize >= 64 && K % 64 == 0;
   __m512 a[2][TM], b[2][TM];
@@ -121,8 +121,8 @@ PEFTX_AVX512BF16 void panel_bf16(const Weight4& w, const uint16_t* x, int64_t st
       s1 = _mm512_insertf32x8(_mm512_set1_ps(w.absmax[(j0 + k + 64) >> shift]),
                               _mm256_set1_ps(w.absmax[(j0 + k + 96) >> shift]), 1);
     }
-    chunk_bf16<TM>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k / 2)), code32, s0, x + k, stride, a);
-    chunk_bf16<TM>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k / 2 + 32)), code32, s1, x + k + 64,
+    chunk_bf16<TM>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (k >> 1))), code32, s0, x + k, stride, a);
+    chunk_bf16<TM>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (k >> 1) + 32)), code32, s1, x + k + 64,
                    stride, b);
   }
   for (; k < k1; k += 64) {
@@ -132,7 +132,7 @@ PEFTX_AVX512BF16 void panel_bf16(const Weight4& w, const uint16_t* x, int64_t st
     const float s_lo = w.absmax[(j0 + k) >> shift];
     const float s_hi = bytes == 32 ? w.absmax[(j0 + k + 32) >> shift] : s_lo;
     const __m512 s = _mm512_insertf32x8(_mm512_set1_ps(s_lo), _mm256_set1_ps(s_hi), 1);
-    const __m256i raw = _mm256_maskz_loadu_epi8(static_cast<__mmask32>((uint64_t(1) << bytes) - 1u), p + k / 2);
+    const __m256i raw = _mm256_maskz_loadu_epi8(static_cast<__mmask32>((uint64_t(1) << bytes) - 1u), p + (k >> 1));
     chunk_bf16<TM>(raw, code32, s, x + k, stride, a);
   }
   for (int m = 0; m < TM; ++m)

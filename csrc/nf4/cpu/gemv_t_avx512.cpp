@@ -18,10 +18,10 @@ PEFTX_AVX512 void gemv_t_rows(const Weight4& w, const float* g, int64_t ldg, int
   const __m512 code = _mm512_loadu_ps(w.code);
   for (int64_t o = o0; o < o1; ++o) {
     const int64_t j0 = o * K;
-    const uint8_t* p = w.packed + j0 / 2;
+    const uint8_t* p = w.packed + (j0 >> 1);
     for (int64_t k = 0; k < K; k += 32) {
       __m512 hi, lo;
-      decode32(load_bytes16(p + k / 2), code, hi, lo);
+      decode32(load_bytes16(p + (k >> 1)), code, hi, lo);
       const float a = w.absmax[(j0 + k) >> shift];
       for (int64_t m = 0; m < tokens; ++m) {
         const __m512 c = _mm512_set1_ps(g[m * ldg + o] * a);
