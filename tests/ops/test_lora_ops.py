@@ -321,3 +321,20 @@ def test_cpu_dropout_paths_agree(monkeypatch, shape):
         assert torch.equal(a, b)
     want_u = lora_dropout_ref(x, 0.3, 123456789) @ A.t()
     torch.testing.assert_close(results["scalar"][1], want_u, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_multithreaded_dropout_chunks_with_grad_inputs(kind):
+    # Large enough that both the row chunks (forward) and column chunks (backward) spread over
+    # threads, with inputs that require grad (the worker threads must not run autograd kernels).
+    base, w_ref = _base(kind, 64, 512, torch.float32, "cpu")
+    x = torch.randn(300, 512, requires_grad=True)
+    A = torch.randn(8, 512, requires_grad=True)
+    B = torch.randn(64, 8, requires_grad=True)
+    y, _ = _call(x, base, None, A, B, 0.5, 0.2, 77)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, A, B], g)
+    xr, Ar, Br = (t.detach().clone().requires_grad_() for t in (x, A, B))
+    want = torch.autograd.grad(lora_linear_ref(xr, w_ref, None, Ar, Br, 0.5, 0.2, 77), [xr, Ar, Br], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
