@@ -23,6 +23,8 @@ def adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
                exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], *, lr: float, beta1: float,
                beta2: float, eps: float, weight_decay: float, maximize: bool = False) -> None:
     """One AdamW step for many tensors in one call (fp32 state; params fp32, fp16 or bf16)."""
+    if len(params) == 0 and len(grads) == 0:
+        return  # nothing to dispatch on
     ops.adamw_step(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(steps), float(lr),
                    float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize))
 
@@ -33,6 +35,8 @@ def adamw8bit_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
                    steps: Sequence[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
                    weight_decay: float, maximize: bool = False) -> None:
     """One AdamW step with blockwise 8-bit state (bitsandbytes' 8-bit Adam format, blocks of 256)."""
+    if len(params) == 0 and len(grads) == 0:
+        return
     ops.adamw8bit_step(list(params), list(grads), list(exp_avg_codes), list(exp_avg_absmax),
                        list(exp_avg_sq_codes), list(exp_avg_sq_absmax), list(steps), float(lr), float(beta1),
                        float(beta2), float(eps), float(weight_decay), bool(maximize))

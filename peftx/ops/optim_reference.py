@@ -39,7 +39,9 @@ def adamw_math_ref(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.T
     p = p * _f32(1.0 - lr * weight_decay)
     m = m + _f32(1.0 - beta1) * (g - m)
     v = v * _f32(beta2) + (_f32(1.0 - beta2) * g) * g
-    denom = torch.sqrt(v) / _f32(bc2) + _f32(eps)
+    # torch.sqrt on CPU may go through MKL's vector math (not correctly rounded); the square root of a
+    # float32 taken in float64 and rounded once is the correctly rounded float32 square root.
+    denom = torch.sqrt(v.double()).float() / _f32(bc2) + _f32(eps)
     return p + (_f32(neg_step) * m) / denom, m, v
 
 
