@@ -99,7 +99,12 @@ PEFTX_AVX512 __m128i encode(const QuantTables& q, int map, __m512 x, const Block
   const __m512i kk = _mm512_and_si512(_mm512_i32gather_epi32(key, q.base[map], 1), _mm512_set1_epi32(0xff));
   const __m512 mid = _mm512_i32gather_ps(kk, q.mid[map], 4);
   const __mmask16 above = _mm512_cmp_ps_mask(t, mid, _CMP_GT_OQ);
-  return _mm512_cvtepi32_epi8(_mm512_mask_add_epi32(kk, above, kk, _mm512_set1_epi32(1)));
+  __m512i c = _mm512_mask_add_epi32(kk, above, kk, _mm512_set1_epi32(1));
+  if (map == 1) {  // a positive second moment takes at least the smallest nonzero code
+    const __mmask16 positive = _mm512_cmp_ps_mask(t, _mm512_setzero_ps(), _CMP_GT_OQ);
+    c = _mm512_mask_max_epi32(c, positive, c, _mm512_set1_epi32(1));
+  }
+  return _mm512_cvtepi32_epi8(c);
 }
 
 template <typename T>

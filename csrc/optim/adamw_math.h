@@ -16,8 +16,11 @@
 //   m[i] = code_signed[qm[i]] * absmax_m[i / 256],   v[i] = code_unsigned[qv[i]] * absmax_v[i / 256].
 // A step decodes, updates as above, and re-encodes each block with its new absmax = max |m| (|v|):
 // full blocks scale by m * (1 / max(absmax, 1e-38)), a tensor's tail block by m / max(absmax,
-// 1e-38) and stores the clamped absmax (bitsandbytes' quantize_blockwise exactly). A block whose new
-// absmax is not finite stores absmax NaN and codes 0, so its state decodes to NaN everywhere.
+// 1e-38) and stores the clamped absmax (bitsandbytes' quantize_blockwise exactly), and takes the
+// nearest code, except that a positive second moment never encodes to 0: it takes the smallest
+// nonzero code instead. (Nearest rounding sends v below 1.6e-7 of its block's absmax to 0; with a
+// nonzero m the next step would then divide by eps alone. The floor bounds that step.) A block whose
+// new absmax is not finite stores absmax NaN and codes 0, so its state decodes to NaN everywhere.
 #pragma once
 
 #include <cstdint>
@@ -171,7 +174,8 @@ PEFTX_HD uint8_t encode_moment(const QuantTables& q, int map, float x, const Blo
   if (!s.finite) return 0;
   float t = s.tail ? div_rn(x, s.floor) : mul_rn(x, s.inv);
   t = t < -1.0f ? -1.0f : (t > 1.0f ? 1.0f : t);
-  return encode_nearest(q, map, t);
+  const uint8_t c = encode_nearest(q, map, t);
+  return map == 1 && c == 0 && t > 0.0f ? 1 : c;
 }
 
 // Phase 2 of element i: encode the new moments with the block's new scales.

@@ -4,7 +4,8 @@ the kernels' order (csrc/optim/adamw_math.h), so the kernels match them bit for 
 
 The 8-bit format is bitsandbytes' 8-bit Adam state: blocks of 256 elements, codes of the signed
 dynamic map for the first moment and of the unsigned map for the second, quantized as bitsandbytes'
-pure-torch ``quantize_blockwise`` does (nearest code = bucketize over the fp32 code midpoints).
+pure-torch ``quantize_blockwise`` does (nearest code = bucketize over the fp32 code midpoints), except
+that a positive second moment never takes code 0 (csrc/optim/adamw_math.h says why).
 """
 
 from __future__ import annotations
@@ -57,10 +58,11 @@ def adamw_step_ref(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
         v.copy_(nv)
 
 
-def quantize_blockwise_ref(x: torch.Tensor, code: torch.Tensor,
-                           blocksize: int = QUANT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise_ref(x: torch.Tensor, code: torch.Tensor, blocksize: int = QUANT_BLOCK,
+                           positive_floor: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """bitsandbytes' pure-torch quantize_blockwise over the flattened tensor -> (uint8 codes, fp32
-    absmax); a block whose absmax is not finite stores absmax NaN and codes 0 (the kernels' rule)."""
+    absmax); a block whose absmax is not finite stores absmax NaN and codes 0 (the kernels' rule).
+    ``positive_floor``: a positive value never takes code 0 (the second moment's rule)."""
     flat = x.reshape(-1).float()
     n = flat.numel()
     full = n - n % blocksize
@@ -73,6 +75,8 @@ def quantize_blockwise_ref(x: torch.Tensor, code: torch.Tensor,
         scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail, -1, 1)])
     mid = (code[:-1] + code[1:]) / 2
     q = torch.bucketize(scaled, mid.to(scaled.device)).to(torch.uint8)
+    if positive_floor:
+        q = torch.where((q == 0) & (scaled > 0), torch.ones_like(q), q)
     bad = ~torch.isfinite(absmax)
     if bad.any():
         absmax = torch.where(bad, torch.full_like(absmax, float("nan")), absmax)
@@ -98,7 +102,8 @@ def adamw8bit_step_ref(params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_
         np_, nm, nv = adamw_math_ref(p.float(), g.float(), m.reshape(p.shape), v.reshape(p.shape), float(s), lr=lr,
                                      beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
         p.copy_(np_)
-        for codes, absmax, value, code in ((qm, am, nm, DYNAMIC_CODE), (qv, av, nv, UNSIGNED_DYNAMIC_CODE)):
-            nq, na = quantize_blockwise_ref(value, code)
+        for codes, absmax, value, code, floor in ((qm, am, nm, DYNAMIC_CODE, False),
+                                                  (qv, av, nv, UNSIGNED_DYNAMIC_CODE, True)):
+            nq, na = quantize_blockwise_ref(value, code, positive_floor=floor)
             codes.copy_(nq.reshape(codes.shape))
             absmax.copy_(na)
