@@ -50,12 +50,16 @@ class FileBackend final : public PageBackend {
   void* map_arena(int64_t offset, int64_t bytes) override {
     void* p = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_SHARED, fd_, offset);
     TORCH_CHECK(p != MAP_FAILED, "page pool: cannot map ", bytes, " bytes of '", path_, "': ", errno_text(errno));
+    // No fault-time read-ahead: the pool reads exactly the pages it makes resident (so the page
+    // cache holds no more of the file than the budget), in large requests (make_resident).
+    madvise(p, static_cast<size_t>(bytes), MADV_RANDOM);
     return p;
   }
   void unmap_arena(void* base, int64_t bytes) override { munmap(base, static_cast<size_t>(bytes)); }
 
   void reserve(int64_t offset, void*, int64_t bytes) override {
     const int r = posix_fallocate(fd_, offset, bytes);
+    if (r == 0) file_end_ = std::max(file_end_, offset + bytes);
     TORCH_CHECK(r == 0, "page pool: cannot reserve ", bytes, " bytes for optimizer state in '", dir_, "': ",
                 errno_text(r),
                 r == ENOSPC || r == EFBIG || r == EDQUOT ? " (the page directory is full or over its file size limit)"
@@ -68,10 +72,14 @@ class FileBackend final : public PageBackend {
   }
 
   void make_resident(int64_t offset, void* p, int64_t bytes) override {
+    // The last pool page may reach past the end of the file (past every allocation): never touch it.
+    bytes = std::min(bytes, file_end_ - offset);
+    if (bytes <= 0) return;
+    posix_fadvise(fd_, offset, bytes, POSIX_FADV_WILLNEED);  // one read of the whole range
     if (madvise(p, static_cast<size_t>(bytes), MADV_POPULATE_WRITE) == 0) return;
     const int e = errno;
+    // EINVAL: a pre-5.14 kernel without MADV_POPULATE_WRITE; the pages fault in on use.
     TORCH_CHECK(e == EINVAL, "page pool: cannot read optimizer state back from '", path_, "': ", errno_text(e));
-    posix_fadvise(fd_, offset, bytes, POSIX_FADV_WILLNEED);  // pre-5.14 kernel: fault in on use
   }
 
   void prefetch(int64_t offset, void*, int64_t bytes) override {
@@ -100,6 +108,7 @@ class FileBackend final : public PageBackend {
  private:
   std::string dir_, path_;
   int fd_ = -1;
+  int64_t file_end_ = 0;
 };
 
 }  // namespace

@@ -29,7 +29,6 @@ from peftx.optim.state import fields
 
 MIN_RESIDENT_BYTES = 64 * 1024
 _OS_PAGE = os.sysconf("SC_PAGESIZE")
-_ALIGN = 64  # bytes between the state tensors of one parameter's buffer
 
 
 def default_page_bytes(resident_bytes: int) -> int:
@@ -108,8 +107,12 @@ class _PagedMixin:
         if key not in self._pools:
             if device.type == "cuda" and device.index is None:
                 key = f"cuda:{torch.cuda.current_device()}"
-            self._pools[key] = torch.classes.peftx.PagePool(self.page_dir, self.resident_bytes or 0, self.page_bytes,
-                                                             key)
+            try:
+                self._pools[key] = torch.classes.peftx.PagePool(self.page_dir, self.resident_bytes or 0,
+                                                                 self.page_bytes, key)
+            except RuntimeError as e:
+                raise ValueError(f"{type(self).__name__}: cannot page optimizer state on {key}: "
+                                 f"{str(e).splitlines()[0]}") from e
         return self._pools[key]
 
     def pool_stats(self, device: str | torch.device = "cpu") -> dict[str, int]:
@@ -118,16 +121,13 @@ class _PagedMixin:
         return dict(self._pool(torch.device(device)).stats())
 
     def _alloc_state(self, p: torch.Tensor, eight_bit: bool) -> dict[str, torch.Tensor]:
+        # One pool buffer per state tensor (whole OS pages each), so every storage has one dtype
+        # and torch.save can write the state in place.
         if not p.is_contiguous():
             raise ValueError(f"{type(self).__name__}: paged state needs contiguous parameters, got one with strides "
                              f"{p.stride()}")
-        layout, offset = [], 0
-        for f in fields(p, eight_bit):
-            offset = (offset + _ALIGN - 1) // _ALIGN * _ALIGN
-            layout.append((f, offset))
-            offset += f.nbytes
-        buf = self._pool(p.device).alloc(max(offset, 1))
-        return {f.name: buf[o:o + f.nbytes].view(f.dtype).view(f.shape) for f, o in layout}
+        pool = self._pool(p.device)
+        return {f.name: pool.alloc(max(f.nbytes, 1))[:f.nbytes].view(f.dtype).view(f.shape) for f in fields(p, eight_bit)}
 
     def _max_chunk(self, eight_bit: bool) -> int:
         """Elements per segment so that one segment's state fits in a window."""
