@@ -1,5 +1,5 @@
-// The page pool's bookkeeping (allocation, residency, LRU eviction) and its CPU backend: pages of a
-// file-backed shared mapping. See page_pool.h.
+// The page pool's bookkeeping (allocation, residency, LRU eviction) and its CPU backend: explicit
+// paging through a file. See page_pool.h.
 #include "optim/page_pool.h"
 
 #include <c10/util/Exception.h>
@@ -11,10 +11,6 @@
 #include <cerrno>
 #include <cstring>
 #include <utility>
-
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23  // Linux 5.14; older kernels answer EINVAL and we fall back
-#endif
 
 namespace peftx {
 namespace optim {
@@ -33,9 +29,23 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 std::string errno_text(int e) { return std::string(std::strerror(e)); }
 
+// Explicit paging through a file. A resident range is anonymous memory holding the current state;
+// an evicted range is a private mapping of the file, whose content is the state (so the tensors
+// read correctly at every moment, resident or not, and their addresses never change). Pages move
+// by large pread / pwrite calls, never one page fault at a time:
+//   make_resident: map anonymous memory over the range (MAP_FIXED), pread the file into it, drop
+//                  the file's cached copy;
+//   evict:         pwrite the range to the file, wait for it to reach the disk, map the file back
+//                  over the range (MAP_FIXED) and drop the cached copy;
+//   writeback:     after an update: pwrite the range, map the file back over it and start writing
+//                  to disk (the page cache now holds the state; eviction waits and drops it);
+//   prefetch:      asynchronous read-ahead of the file range into the page cache.
+// Without a budget (shared = true) the arenas are shared mappings of the file instead: the page
+// cache is the state's memory, and the kernel writes it to the file under memory pressure.
 class FileBackend final : public PageBackend {
  public:
-  explicit FileBackend(const std::string& dir) : dir_(dir) {
+  FileBackend(const std::string& dir, bool shared, int64_t page_bytes)
+      : dir_(dir), shared_(shared), page_bytes_(page_bytes) {
     TORCH_CHECK(!dir.empty(), "page pool: the page directory must be a non-empty path");
     std::string name = dir + "/peftx-pages-XXXXXX";
     fd_ = mkostemp(name.data(), O_CLOEXEC);
@@ -44,59 +54,85 @@ class FileBackend final : public PageBackend {
     // Unlinked at once: the file lives exactly as long as the mapping and the descriptor.
     unlink(name.c_str());
     path_ = name;
+    // No read-ahead beyond what the pool asks for (a read of a range still reads it in one go), so
+    // the page cache holds no more of the file than the budget.
+    posix_fadvise(fd_, 0, 0, POSIX_FADV_RANDOM);
   }
   ~FileBackend() override { close(fd_); }
 
   void* map_arena(int64_t offset, int64_t bytes) override {
-    void* p = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_SHARED, fd_, offset);
+    void* p = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, shared_ ? MAP_SHARED : MAP_PRIVATE,
+                   fd_, offset);
     TORCH_CHECK(p != MAP_FAILED, "page pool: cannot map ", bytes, " bytes of '", path_, "': ", errno_text(errno));
-    // No fault-time read-ahead: the pool reads exactly the pages it makes resident (so the page
-    // cache holds no more of the file than the budget), in large requests (make_resident).
-    madvise(p, static_cast<size_t>(bytes), MADV_RANDOM);
     return p;
   }
   void unmap_arena(void* base, int64_t bytes) override { munmap(base, static_cast<size_t>(bytes)); }
 
   void reserve(int64_t offset, void*, int64_t bytes) override {
     const int r = posix_fallocate(fd_, offset, bytes);
-    if (r == 0) file_end_ = std::max(file_end_, offset + bytes);
     TORCH_CHECK(r == 0, "page pool: cannot reserve ", bytes, " bytes for optimizer state in '", dir_, "': ",
                 errno_text(r),
                 r == ENOSPC || r == EFBIG || r == EDQUOT ? " (the page directory is full or over its file size limit)"
                                                          : "");
+    file_end_ = std::max(file_end_, offset + bytes);
   }
 
   void discard(int64_t offset, void* p, int64_t bytes) override {
-    // Freed bytes read back as zeros and give their disk blocks back.
-    if (fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, bytes) != 0) std::memset(p, 0, bytes);
+    // Freed bytes read back as zeros (a hole, mapped from the file) and give their disk blocks back.
+    if (fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, bytes) == 0) {
+      if (!shared_) map_file(offset, p, bytes);
+    } else {
+      std::memset(p, 0, static_cast<size_t>(bytes));
+    }
   }
 
   void make_resident(int64_t offset, void* p, int64_t bytes) override {
-    // The last pool page may reach past the end of the file (past every allocation): never touch it.
-    bytes = std::min(bytes, file_end_ - offset);
+    bytes = within_file(offset, bytes);  // the last pool page may reach past every allocation
     if (bytes <= 0) return;
-    posix_fadvise(fd_, offset, bytes, POSIX_FADV_WILLNEED);  // one read of the whole range
-    if (madvise(p, static_cast<size_t>(bytes), MADV_POPULATE_WRITE) == 0) return;
-    const int e = errno;
-    // EINVAL: a pre-5.14 kernel without MADV_POPULATE_WRITE; the pages fault in on use.
-    TORCH_CHECK(e == EINVAL, "page pool: cannot read optimizer state back from '", path_, "': ", errno_text(e));
+    void* q = mmap(p, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+                   -1, 0);
+    TORCH_CHECK(q == p, "page pool: cannot map memory for optimizer state: ", errno_text(errno));
+    for (int64_t done = 0; done < bytes;) {
+      const ssize_t r = pread(fd_, static_cast<uint8_t*>(p) + done, static_cast<size_t>(bytes - done), offset + done);
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) {
+        const int e = r < 0 ? errno : EIO;
+        map_file(offset, p, bytes);  // leave the range showing the file, as before
+        TORCH_CHECK(false, "page pool: cannot read optimizer state back from '", dir_, "': ", errno_text(e));
+      }
+      done += r;
+    }
+    posix_fadvise(fd_, offset, bytes, POSIX_FADV_DONTNEED);
   }
 
   void prefetch(int64_t offset, void*, int64_t bytes) override {
-    posix_fadvise(fd_, offset, bytes, POSIX_FADV_WILLNEED);  // asynchronous read-ahead
+    bytes = within_file(offset, bytes);
+    // Page by page: the page cache then holds no folio larger than a pool page, so evicting any
+    // set of pages drops them (a folio straddling the evicted range would stay).
+    for (int64_t done = 0; done < bytes; done += page_bytes_)
+      posix_fadvise(fd_, offset + done, std::min(page_bytes_, bytes - done), POSIX_FADV_WILLNEED);
   }
 
-  void writeback(int64_t offset, void*, int64_t bytes) override {
+  void writeback(int64_t offset, void* p, int64_t bytes) override {
+    bytes = within_file(offset, bytes);
+    if (bytes <= 0) return;
+    write_range(offset, p, bytes);
+    map_file(offset, p, bytes);
     const int r = sync_file_range(fd_, offset, bytes, SYNC_FILE_RANGE_WRITE);
     TORCH_CHECK(r == 0, "page pool: cannot write optimizer state to '", dir_, "': ", errno_text(errno));
   }
 
-  void evict(int64_t offset, void* p, int64_t bytes) override {
+  void evict(int64_t offset, void* p, int64_t bytes, bool dirty) override {
+    bytes = within_file(offset, bytes);
+    if (bytes <= 0) return;
+    if (dirty) {
+      write_range(offset, p, bytes);
+      map_file(offset, p, bytes);
+    }
+    // Written (here or by writeback) and on disk before the page cache copy is dropped.
     const int r = sync_file_range(fd_, offset, bytes,
                                   SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
     TORCH_CHECK(r == 0, "page pool: cannot write optimizer state to '", dir_, "': ", errno_text(errno));
-    // Written back: drop the pages from this process and from the page cache.
-    madvise(p, static_cast<size_t>(bytes), MADV_DONTNEED);
     posix_fadvise(fd_, offset, bytes, POSIX_FADV_DONTNEED);
   }
 
@@ -106,14 +142,38 @@ class FileBackend final : public PageBackend {
   int fd() const override { return fd_; }
 
  private:
+  int64_t within_file(int64_t offset, int64_t bytes) const { return std::min(bytes, file_end_ - offset); }
+
+  // Page by page, for the same reason as prefetch.
+  void write_range(int64_t offset, const void* p, int64_t bytes) {
+    for (int64_t done = 0; done < bytes;) {
+      const int64_t page_end = (done / page_bytes_ + 1) * page_bytes_;
+      const ssize_t r = pwrite(fd_, static_cast<const uint8_t*>(p) + done,
+                               static_cast<size_t>(std::min(bytes, page_end) - done), offset + done);
+      if (r < 0 && errno == EINTR) continue;
+      // The range is still resident and intact: failing here loses nothing.
+      TORCH_CHECK(r > 0, "page pool: cannot write optimizer state to '", dir_, "': ", errno_text(r < 0 ? errno : EIO));
+      done += r;
+    }
+  }
+
+  void map_file(int64_t offset, void* p, int64_t bytes) {
+    void* q = mmap(p, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd_, offset);
+    TORCH_CHECK(q == p, "page pool: cannot map '", path_, "': ", errno_text(errno));
+  }
+
   std::string dir_, path_;
+  bool shared_;
+  int64_t page_bytes_;
   int fd_ = -1;
   int64_t file_end_ = 0;
 };
 
 }  // namespace
 
-std::unique_ptr<PageBackend> make_file_backend(const std::string& dir) { return std::make_unique<FileBackend>(dir); }
+std::unique_ptr<PageBackend> make_file_backend(const std::string& dir, bool shared, int64_t page_bytes) {
+  return std::make_unique<FileBackend>(dir, shared, page_bytes);
+}
 
 PoolCore::PoolCore(std::unique_ptr<PageBackend> backend, int64_t budget_bytes, int64_t page_bytes)
     : backend_(std::move(backend)),
@@ -153,6 +213,7 @@ at::Tensor PoolCore::alloc(int64_t nbytes) {
       next_offset_ += bytes;
       pages_ += bytes / page_bytes_;
       last_use_.resize(static_cast<size_t>(pages_), -1);
+      populated_.resize(static_cast<size_t>(pages_), 0);
       rel = 0;
     }
     Arena& a = arenas_[ai];
@@ -241,18 +302,25 @@ std::vector<PoolCore::Run> PoolCore::runs(std::vector<int64_t> pages) const {
 }
 
 void PoolCore::evict_pages(std::vector<int64_t> pages) {
-  for (const Run& r : runs(std::move(pages))) {
-    const Arena& a = arenas_[r.arena];
-    const int64_t rel = r.first * page_bytes_, bytes = r.count * page_bytes_;
-    backend_->evict(a.offset + rel, a.base + rel, bytes);
-    for (int64_t k = 0; k < r.count; ++k) {
-      const int64_t pg = a.first_page + r.first + k;
-      lru_.erase({last_use_[pg], pg});
-      last_use_[pg] = -1;
-      --hot_pages_;
+  // Pages an acquire mapped hold the state and are written back; pages only read ahead are dropped.
+  std::vector<int64_t> dirty, clean;
+  for (int64_t pg : pages) (populated_[pg] ? dirty : clean).push_back(pg);
+  for (const auto* set : {&dirty, &clean}) {
+    for (const Run& r : runs(*set)) {
+      const Arena& a = arenas_[r.arena];
+      const int64_t rel = r.first * page_bytes_, bytes = r.count * page_bytes_;
+      backend_->evict(a.offset + rel, a.base + rel, bytes, set == &dirty);
+      if (set == &dirty) {
+        evicted_bytes_ += bytes;
+        ++evictions_;
+      }
     }
-    evicted_bytes_ += bytes;
-    ++evictions_;
+  }
+  for (int64_t pg : pages) {
+    lru_.erase({last_use_[pg], pg});
+    last_use_[pg] = -1;
+    populated_[pg] = 0;
+    --hot_pages_;
   }
 }
 
@@ -275,7 +343,7 @@ int64_t PoolCore::ensure_room(const std::vector<int64_t>& wanted, int64_t need, 
 }
 
 void PoolCore::make_hot(const std::vector<int64_t>& pages, bool wait) {
-  std::vector<int64_t> cold;
+  std::vector<int64_t> cold, unmapped;
   ++tick_;
   for (int64_t pg : pages) {
     if (last_use_[pg] < 0) {
@@ -284,19 +352,24 @@ void PoolCore::make_hot(const std::vector<int64_t>& pages, bool wait) {
     } else {
       lru_.erase({last_use_[pg], pg});
     }
+    if (wait && !populated_[pg]) unmapped.push_back(pg);
     last_use_[pg] = tick_;
     lru_.insert({tick_, pg});
   }
   peak_hot_pages_ = std::max(peak_hot_pages_, hot_pages_);
-  for (const Run& r : runs(cold)) {
+  resident_bytes_made_ += static_cast<int64_t>(cold.size()) * page_bytes_;
+  // acquire: map every page not yet mapped (cold, or only read ahead by a prefetch), so the update
+  // takes no page faults; prefetch: start reading the cold pages.
+  for (const Run& r : runs(wait ? unmapped : cold)) {
     const Arena& a = arenas_[r.arena];
     const int64_t rel = r.first * page_bytes_, bytes = r.count * page_bytes_;
     if (wait)
       backend_->make_resident(a.offset + rel, a.base + rel, bytes);
     else
       backend_->prefetch(a.offset + rel, a.base + rel, bytes);
-    resident_bytes_made_ += bytes;
   }
+  if (wait)
+    for (int64_t pg : unmapped) populated_[pg] = 1;
 }
 
 void PoolCore::acquire(const std::vector<at::Tensor>& views) {
@@ -325,19 +398,28 @@ void PoolCore::prefetch(const std::vector<at::Tensor>& views) {
 
 void PoolCore::release(const std::vector<at::Tensor>& views) {
   const std::lock_guard<std::mutex> lock(mu_);
-  for (const Run& r : runs(pages_of(views))) {
+  std::vector<int64_t> written;
+  for (int64_t pg : pages_of(views))
+    if (populated_[pg]) written.push_back(pg);
+  for (const Run& r : runs(written)) {
     const Arena& a = arenas_[r.arena];
-    const int64_t rel = r.first * page_bytes_;
-    backend_->writeback(a.offset + rel, a.base + rel, r.count * page_bytes_);
+    const int64_t rel = r.first * page_bytes_, bytes = r.count * page_bytes_;
+    backend_->writeback(a.offset + rel, a.base + rel, bytes);
+    evicted_bytes_ += bytes;
   }
+  // Still hot (counted in the budget) until evicted, but no longer mapped: a later acquire reads
+  // them back (from the page cache while they are there).
+  for (int64_t pg : written) populated_[pg] = 0;
 }
 
 void PoolCore::trim() {
   const std::lock_guard<std::mutex> lock(mu_);
-  for (const Arena& a : arenas_) backend_->evict(a.offset, a.base, a.bytes);
-  for (auto& t : last_use_) t = -1;
-  lru_.clear();
-  hot_pages_ = 0;
+  std::vector<int64_t> hot;
+  for (int64_t pg = 0; pg < pages_; ++pg)
+    if (last_use_[pg] >= 0) hot.push_back(pg);
+  evict_pages(std::move(hot));
+  // Anything read outside acquire (torch.save of the state) sits in the page cache: drop it too.
+  for (const Arena& a : arenas_) backend_->evict(a.offset, a.base, a.bytes, /*dirty=*/false);
 }
 
 void PoolCore::reset_stats() {

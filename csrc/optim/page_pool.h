@@ -2,18 +2,23 @@
 // call it between fused steps). State buffers are handed out as real tensors whose deleter returns
 // their bytes to the pool; the pool's memory lives as long as any of its tensors or the pool itself.
 //
-//   CPU:  pages of a file-backed shared mapping in a directory the caller names (the file is
-//         unlinked as soon as it is created, so it never outlives the process). Bytes are reserved
-//         on disk (posix_fallocate) when a buffer is allocated, so a full disk is an error at
-//         allocation, never a SIGBUS during a step.
+//   CPU:  explicit paging through a file in a directory the caller names (unlinked as soon as it is
+//         created, so it never outlives the process): resident pages are anonymous memory, evicted
+//         pages a private mapping of the file, so a tensor reads correctly whether resident or not
+//         and never moves; pages move by large pread / pwrite calls (page_pool.cpp). Disk space is
+//         reserved (posix_fallocate) when a buffer is allocated, so a full disk is an error at
+//         allocation, not in the middle of a step.
 //   CUDA: cudaMallocManaged arenas, never larger than the device's free memory at the time.
 //
 // Residency is tracked per pool page (page_bytes, a multiple of the OS page). acquire() makes the
-// pages under some tensors hot before their update (CPU: faulted in from the file; CUDA: prefetched
-// to the device), evicting the least recently used hot pages beyond the budget (CPU: written back to
-// the file and dropped from memory and page cache; CUDA: advised to and prefetched to the host).
-// prefetch() starts bringing in the next pages asynchronously; release() starts writing back pages
-// just updated. A budget of 0 means no budget (nothing is evicted by the pool).
+// pages under some tensors hot before their update (CPU: read from the file; CUDA: prefetched to the
+// device), evicting the least recently used hot pages beyond the budget (CPU: written to the file,
+// dropped from memory and page cache; CUDA: advised to and prefetched to the host). prefetch()
+// starts bringing in the next pages asynchronously (CPU: read-ahead into the page cache, counted in
+// the budget); release() ends an update (CPU: the pages are written to the file, the disk write
+// overlapping what follows; they stay counted in the budget until evicted). Writes to state tensors must happen between
+// acquire and the next eviction (the optimizers' steps and load_state_dict do); reads are correct at
+// any time. A budget of 0 means no budget (nothing is evicted by the pool).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -40,8 +45,9 @@ class PageBackend {
   virtual void discard(int64_t offset, void* p, int64_t bytes) = 0;  // a freed range: zero, unbacked
   virtual void make_resident(int64_t offset, void* p, int64_t bytes) = 0;
   virtual void prefetch(int64_t offset, void* p, int64_t bytes) = 0;
-  virtual void writeback(int64_t offset, void* p, int64_t bytes) = 0;
-  virtual void evict(int64_t offset, void* p, int64_t bytes) = 0;
+  virtual void writeback(int64_t offset, void* p, int64_t bytes) = 0;  // after an update of a resident range
+  // dirty: the range was made resident and may hold updates that must reach the backing store.
+  virtual void evict(int64_t offset, void* p, int64_t bytes, bool dirty) = 0;
   // Bytes the device could still take (CUDA); -1 when not a concern (CPU).
   virtual int64_t device_free_bytes() = 0;
   virtual at::Device device() const = 0;
@@ -49,7 +55,8 @@ class PageBackend {
   virtual int fd() const { return -1; }
 };
 
-std::unique_ptr<PageBackend> make_file_backend(const std::string& dir);
+// shared: no budget; the arenas are shared mappings the kernel pages by itself.
+std::unique_ptr<PageBackend> make_file_backend(const std::string& dir, bool shared, int64_t page_bytes);
 // Defined in page_pool_cuda.cpp (CUDA builds only).
 std::unique_ptr<PageBackend> make_managed_backend(int device);
 
@@ -98,6 +105,7 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
   int64_t next_offset_ = 0;
   int64_t pages_ = 0;
   std::vector<int64_t> last_use_;  // per page: tick of the last acquire / prefetch, -1 when cold
+  std::vector<char> populated_;    // per page: mapped by an acquire since it was last evicted
   std::set<std::pair<int64_t, int64_t>> lru_;  // (tick, page) of hot pages
   int64_t tick_ = 0, acquire_tick_ = 0;
   int64_t hot_pages_ = 0, peak_hot_pages_ = 0;

@@ -52,7 +52,7 @@ class ManagedBackend final : public PageBackend {
   void make_resident(int64_t, void* p, int64_t bytes) override { move(p, bytes, /*on_device=*/true); }
   void prefetch(int64_t, void* p, int64_t bytes) override { move(p, bytes, /*on_device=*/true); }
   void writeback(int64_t, void*, int64_t) override {}
-  void evict(int64_t, void* p, int64_t bytes) override { move(p, bytes, /*on_device=*/false); }
+  void evict(int64_t, void* p, int64_t bytes, bool) override { move(p, bytes, /*on_device=*/false); }
 
   int64_t device_free_bytes() override {
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));

@@ -13,9 +13,9 @@ import sys
 import torch
 from tqdm import tqdm
 
-from peftx.bench import machine, nf4_suite
+from peftx.bench import machine, nf4_suite, optim_suite
 
-SUITES = {"nf4": (nf4_suite, 10)}
+SUITES = {"nf4": (nf4_suite, 10), "optim": (optim_suite, 3)}
 
 
 def _table(rows: list[dict]) -> str:
@@ -27,6 +27,7 @@ def _table(rows: list[dict]) -> str:
             lines.append(f"{row['op']:<12}{row['dtype']:<10}{str(row['M'] or '-'):>5}  {name:<22}"
                          f"{r['median_ms']:>11.3f}{r['p10_ms']:>8.3f}-{r['p90_ms']:<8.3f}{ratio:>8.2f}x{extra}")
         lines.append(f"{'':<27}(ratio = time / {row['anchor']})")
+        lines.extend(f"{'':<27}{note}" for note in row.get("notes", []))
     return "\n".join(lines)
 
 
