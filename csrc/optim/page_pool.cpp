@@ -1,15 +1,11 @@
-// The page pool's bookkeeping (allocation, residency, LRU eviction) and its CPU backend: explicit
-// paging through a file. See page_pool.h.
+// The page pool's bookkeeping: allocation, per-page residency states, LRU eviction within the
+// budget. The backends (page_file.cpp, page_pool_cuda.cpp) move the bytes. See page_pool.h.
 #include "optim/page_pool.h"
 
 #include <c10/util/Exception.h>
-#include <fcntl.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
-#include <cstring>
 #include <utility>
 
 namespace peftx {
@@ -27,153 +23,7 @@ int64_t os_page() {
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-std::string errno_text(int e) { return std::string(std::strerror(e)); }
-
-// Explicit paging through a file. A resident range is anonymous memory holding the current state;
-// an evicted range is a private mapping of the file, whose content is the state (so the tensors
-// read correctly at every moment, resident or not, and their addresses never change). Pages move
-// by large pread / pwrite calls, never one page fault at a time:
-//   make_resident: map anonymous memory over the range (MAP_FIXED), pread the file into it, drop
-//                  the file's cached copy;
-//   evict:         pwrite the range to the file, wait for it to reach the disk, map the file back
-//                  over the range (MAP_FIXED) and drop the cached copy;
-//   writeback:     after an update: pwrite the range, map the file back over it and start writing
-//                  to disk (the page cache now holds the state; eviction waits and drops it);
-//   prefetch:      asynchronous read-ahead of the file range into the page cache.
-// Without a budget (shared = true) the arenas are shared mappings of the file instead: the page
-// cache is the state's memory, and the kernel writes it to the file under memory pressure.
-class FileBackend final : public PageBackend {
- public:
-  FileBackend(const std::string& dir, bool shared, int64_t page_bytes)
-      : dir_(dir), shared_(shared), page_bytes_(page_bytes) {
-    TORCH_CHECK(!dir.empty(), "page pool: the page directory must be a non-empty path");
-    std::string name = dir + "/peftx-pages-XXXXXX";
-    fd_ = mkostemp(name.data(), O_CLOEXEC);
-    TORCH_CHECK(fd_ >= 0, "page pool: cannot create a page file in '", dir, "': ", errno_text(errno),
-                " (page_dir must be an existing, writable directory)");
-    // Unlinked at once: the file lives exactly as long as the mapping and the descriptor.
-    unlink(name.c_str());
-    path_ = name;
-    // No read-ahead beyond what the pool asks for (a read of a range still reads it in one go), so
-    // the page cache holds no more of the file than the budget.
-    posix_fadvise(fd_, 0, 0, POSIX_FADV_RANDOM);
-  }
-  ~FileBackend() override { close(fd_); }
-
-  void* map_arena(int64_t offset, int64_t bytes) override {
-    void* p = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, shared_ ? MAP_SHARED : MAP_PRIVATE,
-                   fd_, offset);
-    TORCH_CHECK(p != MAP_FAILED, "page pool: cannot map ", bytes, " bytes of '", path_, "': ", errno_text(errno));
-    return p;
-  }
-  void unmap_arena(void* base, int64_t bytes) override { munmap(base, static_cast<size_t>(bytes)); }
-
-  void reserve(int64_t offset, void*, int64_t bytes) override {
-    const int r = posix_fallocate(fd_, offset, bytes);
-    TORCH_CHECK(r == 0, "page pool: cannot reserve ", bytes, " bytes for optimizer state in '", dir_, "': ",
-                errno_text(r),
-                r == ENOSPC || r == EFBIG || r == EDQUOT ? " (the page directory is full or over its file size limit)"
-                                                         : "");
-    file_end_ = std::max(file_end_, offset + bytes);
-  }
-
-  void discard(int64_t offset, void* p, int64_t bytes) override {
-    // Freed bytes read back as zeros (a hole, mapped from the file) and give their disk blocks back.
-    if (fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, bytes) == 0) {
-      if (!shared_) map_file(offset, p, bytes);
-    } else {
-      std::memset(p, 0, static_cast<size_t>(bytes));
-    }
-  }
-
-  void make_resident(int64_t offset, void* p, int64_t bytes) override {
-    bytes = within_file(offset, bytes);  // the last pool page may reach past every allocation
-    if (bytes <= 0) return;
-    void* q = mmap(p, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
-                   -1, 0);
-    TORCH_CHECK(q == p, "page pool: cannot map memory for optimizer state: ", errno_text(errno));
-    for (int64_t done = 0; done < bytes;) {
-      const ssize_t r = pread(fd_, static_cast<uint8_t*>(p) + done, static_cast<size_t>(bytes - done), offset + done);
-      if (r < 0 && errno == EINTR) continue;
-      if (r <= 0) {
-        const int e = r < 0 ? errno : EIO;
-        map_file(offset, p, bytes);  // leave the range showing the file, as before
-        TORCH_CHECK(false, "page pool: cannot read optimizer state back from '", dir_, "': ", errno_text(e));
-      }
-      done += r;
-    }
-    posix_fadvise(fd_, offset, bytes, POSIX_FADV_DONTNEED);
-  }
-
-  void prefetch(int64_t offset, void*, int64_t bytes) override {
-    bytes = within_file(offset, bytes);
-    // Page by page: the page cache then holds no folio larger than a pool page, so evicting any
-    // set of pages drops them (a folio straddling the evicted range would stay).
-    for (int64_t done = 0; done < bytes; done += page_bytes_)
-      posix_fadvise(fd_, offset + done, std::min(page_bytes_, bytes - done), POSIX_FADV_WILLNEED);
-  }
-
-  void writeback(int64_t offset, void* p, int64_t bytes) override {
-    bytes = within_file(offset, bytes);
-    if (bytes <= 0) return;
-    write_range(offset, p, bytes);
-    map_file(offset, p, bytes);
-    const int r = sync_file_range(fd_, offset, bytes, SYNC_FILE_RANGE_WRITE);
-    TORCH_CHECK(r == 0, "page pool: cannot write optimizer state to '", dir_, "': ", errno_text(errno));
-  }
-
-  void evict(int64_t offset, void* p, int64_t bytes, bool dirty) override {
-    bytes = within_file(offset, bytes);
-    if (bytes <= 0) return;
-    if (dirty) {
-      write_range(offset, p, bytes);
-      map_file(offset, p, bytes);
-    }
-    // Written (here or by writeback) and on disk before the page cache copy is dropped.
-    const int r = sync_file_range(fd_, offset, bytes,
-                                  SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
-    TORCH_CHECK(r == 0, "page pool: cannot write optimizer state to '", dir_, "': ", errno_text(errno));
-    posix_fadvise(fd_, offset, bytes, POSIX_FADV_DONTNEED);
-  }
-
-  int64_t device_free_bytes() override { return -1; }
-  at::Device device() const override { return at::Device(at::kCPU); }
-  std::string location() const override { return path_; }
-  int fd() const override { return fd_; }
-
- private:
-  int64_t within_file(int64_t offset, int64_t bytes) const { return std::min(bytes, file_end_ - offset); }
-
-  // Page by page, for the same reason as prefetch.
-  void write_range(int64_t offset, const void* p, int64_t bytes) {
-    for (int64_t done = 0; done < bytes;) {
-      const int64_t page_end = (done / page_bytes_ + 1) * page_bytes_;
-      const ssize_t r = pwrite(fd_, static_cast<const uint8_t*>(p) + done,
-                               static_cast<size_t>(std::min(bytes, page_end) - done), offset + done);
-      if (r < 0 && errno == EINTR) continue;
-      // The range is still resident and intact: failing here loses nothing.
-      TORCH_CHECK(r > 0, "page pool: cannot write optimizer state to '", dir_, "': ", errno_text(r < 0 ? errno : EIO));
-      done += r;
-    }
-  }
-
-  void map_file(int64_t offset, void* p, int64_t bytes) {
-    void* q = mmap(p, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd_, offset);
-    TORCH_CHECK(q == p, "page pool: cannot map '", path_, "': ", errno_text(errno));
-  }
-
-  std::string dir_, path_;
-  bool shared_;
-  int64_t page_bytes_;
-  int fd_ = -1;
-  int64_t file_end_ = 0;
-};
-
 }  // namespace
-
-std::unique_ptr<PageBackend> make_file_backend(const std::string& dir, bool shared, int64_t page_bytes) {
-  return std::make_unique<FileBackend>(dir, shared, page_bytes);
-}
 
 PoolCore::PoolCore(std::unique_ptr<PageBackend> backend, int64_t budget_bytes, int64_t page_bytes)
     : backend_(std::move(backend)),
@@ -212,8 +62,9 @@ at::Tensor PoolCore::alloc(int64_t nbytes) {
       arenas_.push_back(std::move(a));
       next_offset_ += bytes;
       pages_ += bytes / page_bytes_;
+      state_.resize(static_cast<size_t>(pages_), kCold);
+      job_.resize(static_cast<size_t>(pages_), 0);
       last_use_.resize(static_cast<size_t>(pages_), -1);
-      populated_.resize(static_cast<size_t>(pages_), 0);
       rel = 0;
     }
     Arena& a = arenas_[ai];
@@ -286,8 +137,7 @@ std::vector<int64_t> PoolCore::pages_of(const std::vector<at::Tensor>& views) co
   return pages;
 }
 
-std::vector<PoolCore::Run> PoolCore::runs(std::vector<int64_t> pages) const {
-  std::sort(pages.begin(), pages.end());
+std::vector<PoolCore::Run> PoolCore::runs(const std::vector<int64_t>& pages) const {
   std::vector<Run> out;
   size_t ai = 0;
   for (int64_t pg : pages) {
@@ -301,32 +151,87 @@ std::vector<PoolCore::Run> PoolCore::runs(std::vector<int64_t> pages) const {
   return out;
 }
 
-void PoolCore::evict_pages(std::vector<int64_t> pages) {
-  // Pages an acquire mapped hold the state and are written back; pages only read ahead are dropped.
-  std::vector<int64_t> dirty, clean;
-  for (int64_t pg : pages) (populated_[pg] ? dirty : clean).push_back(pg);
-  for (const auto* set : {&dirty, &clean}) {
-    for (const Run& r : runs(*set)) {
-      const Arena& a = arenas_[r.arena];
-      const int64_t rel = r.first * page_bytes_, bytes = r.count * page_bytes_;
-      backend_->evict(a.offset + rel, a.base + rel, bytes, set == &dirty);
-      if (set == &dirty) {
-        evicted_bytes_ += bytes;
-        ++evictions_;
-      }
-    }
+template <typename Fn>
+void PoolCore::for_runs(std::vector<int64_t> pages, Fn&& fn) {
+  std::sort(pages.begin(), pages.end());
+  for (const Run& r : runs(pages)) {
+    const Arena& a = arenas_[r.arena];
+    const int64_t rel = r.first * page_bytes_;
+    fn(a.offset + rel, a.base + rel, r.count * page_bytes_, a.first_page + r.first, r.count);
   }
+}
+
+// Waits for the loads and stores in flight on `pages`: a finished load leaves the page resident, a
+// finished store cold. A failed store leaves the page resident (its data intact in memory).
+void PoolCore::settle(const std::vector<int64_t>& pages) {
+  std::vector<int64_t> jobs;
+  for (int64_t pg : pages)
+    if (state_[pg] == kLoading || state_[pg] == kStoring) jobs.push_back(job_[pg]);
+  std::sort(jobs.begin(), jobs.end());
+  jobs.erase(std::unique(jobs.begin(), jobs.end()), jobs.end());
+  std::exception_ptr error;
+  for (int64_t job : jobs) {
+    try {
+      backend_->wait(job);
+    } catch (...) {
+      if (!error) error = std::current_exception();
+      for (int64_t pg = 0; pg < pages_; ++pg)
+        if (job_[pg] == job && state_[pg] != kCold) {
+          if (state_[pg] == kStoring) state_[pg] = kResident;
+          if (state_[pg] == kLoading) {  // the backend left it mapped from the store
+            state_[pg] = kCold;
+            lru_.erase({last_use_[pg], pg});
+            last_use_[pg] = -1;
+            --hot_pages_;
+          }
+          job_[pg] = 0;
+        }
+      continue;
+    }
+    for (int64_t pg = 0; pg < pages_; ++pg)
+      if (job_[pg] == job) {
+        if (state_[pg] == kLoading) state_[pg] = kResident;
+        if (state_[pg] == kStoring) {
+          state_[pg] = kCold;
+          lru_.erase({last_use_[pg], pg});
+          last_use_[pg] = -1;
+          --hot_pages_;
+        }
+        job_[pg] = 0;
+      }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+void PoolCore::touch(const std::vector<int64_t>& pages) {
+  ++tick_;
   for (int64_t pg : pages) {
+    if (last_use_[pg] >= 0) lru_.erase({last_use_[pg], pg});
+    last_use_[pg] = tick_;
+    lru_.insert({tick_, pg});
+  }
+}
+
+void PoolCore::evict(std::vector<int64_t> pages) {
+  settle(pages);
+  std::vector<int64_t> resident;
+  for (int64_t pg : pages)
+    if (state_[pg] == kResident) resident.push_back(pg);
+  for_runs(resident, [&](int64_t off, uint8_t* p, int64_t bytes, int64_t, int64_t) {
+    backend_->store(off, p, bytes, /*async=*/false);
+    stored_bytes_ += bytes;
+  });
+  for (int64_t pg : resident) {
+    state_[pg] = kCold;
     lru_.erase({last_use_[pg], pg});
     last_use_[pg] = -1;
-    populated_[pg] = 0;
     --hot_pages_;
   }
 }
 
-// Evicts least recently used hot pages outside `wanted` (and older than the last acquire when
-// `keep_recent`) until `need` more pages fit in the budget and, on a device, in its free memory.
-// Returns how many of the `need` pages fit.
+// Evicts least recently used hot pages outside `wanted` (and, with keep_recent, none the last
+// acquire or anything after it touched) until `need` more pages fit in the budget and, on a
+// device, in its free memory. Returns how many of the `need` pages fit.
 int64_t PoolCore::ensure_room(const std::vector<int64_t>& wanted, int64_t need, bool keep_recent) {
   std::vector<int64_t> victims;
   int64_t over = budget_pages_ > 0 ? hot_pages_ + need - budget_pages_ : 0;
@@ -338,38 +243,8 @@ int64_t PoolCore::ensure_room(const std::vector<int64_t>& wanted, int64_t need, 
     victims.push_back(it->second);
     --over;
   }
-  evict_pages(std::move(victims));
+  evict(std::move(victims));
   return need - std::max<int64_t>(over, 0);
-}
-
-void PoolCore::make_hot(const std::vector<int64_t>& pages, bool wait) {
-  std::vector<int64_t> cold, unmapped;
-  ++tick_;
-  for (int64_t pg : pages) {
-    if (last_use_[pg] < 0) {
-      cold.push_back(pg);
-      ++hot_pages_;
-    } else {
-      lru_.erase({last_use_[pg], pg});
-    }
-    if (wait && !populated_[pg]) unmapped.push_back(pg);
-    last_use_[pg] = tick_;
-    lru_.insert({tick_, pg});
-  }
-  peak_hot_pages_ = std::max(peak_hot_pages_, hot_pages_);
-  resident_bytes_made_ += static_cast<int64_t>(cold.size()) * page_bytes_;
-  // acquire: map every page not yet mapped (cold, or only read ahead by a prefetch), so the update
-  // takes no page faults; prefetch: start reading the cold pages.
-  for (const Run& r : runs(wait ? unmapped : cold)) {
-    const Arena& a = arenas_[r.arena];
-    const int64_t rel = r.first * page_bytes_, bytes = r.count * page_bytes_;
-    if (wait)
-      backend_->make_resident(a.offset + rel, a.base + rel, bytes);
-    else
-      backend_->prefetch(a.offset + rel, a.base + rel, bytes);
-  }
-  if (wait)
-    for (int64_t pg : unmapped) populated_[pg] = 1;
 }
 
 void PoolCore::acquire(const std::vector<at::Tensor>& views) {
@@ -378,54 +253,82 @@ void PoolCore::acquire(const std::vector<at::Tensor>& views) {
   TORCH_CHECK(budget_pages_ == 0 || static_cast<int64_t>(pages.size()) <= budget_pages_, "page pool: acquire of ",
               pages.size(), " pages (", pages.size() * page_bytes_, " bytes) exceeds the resident budget of ",
               budget_pages_, " pages");
-  int64_t cold = 0;
-  for (int64_t pg : pages) cold += last_use_[pg] < 0;
-  ensure_room(pages, cold, /*keep_recent=*/false);
-  make_hot(pages, /*wait=*/true);
+  settle(pages);  // loads done; stores done (those pages are cold again and load below)
+  std::vector<int64_t> cold;
+  for (int64_t pg : pages)
+    if (state_[pg] == kCold) cold.push_back(pg);
+  ensure_room(pages, static_cast<int64_t>(cold.size()), /*keep_recent=*/false);
+  for_runs(cold, [&](int64_t off, uint8_t* p, int64_t bytes, int64_t first, int64_t count) {
+    backend_->load(off, p, bytes, /*async=*/false);
+    loaded_bytes_ += bytes;
+    for (int64_t pg = first; pg < first + count; ++pg) state_[pg] = kResident;
+  });
+  hot_pages_ += static_cast<int64_t>(cold.size());
+  peak_hot_pages_ = std::max(peak_hot_pages_, hot_pages_);
+  touch(pages);
   acquire_tick_ = tick_;
 }
 
 void PoolCore::prefetch(const std::vector<at::Tensor>& views) {
   const std::lock_guard<std::mutex> lock(mu_);
-  std::vector<int64_t> pages = pages_of(views), cold;
+  const std::vector<int64_t> pages = pages_of(views);
+  std::vector<int64_t> cold;
   for (int64_t pg : pages)
-    if (last_use_[pg] < 0) cold.push_back(pg);
-  // Best effort: never evicts what the last acquire brought in; prefetches what then fits.
+    if (state_[pg] == kCold) cold.push_back(pg);
   const int64_t fit = ensure_room(pages, static_cast<int64_t>(cold.size()), /*keep_recent=*/true);
   cold.resize(static_cast<size_t>(std::max<int64_t>(fit, 0)));
-  make_hot(cold, /*wait=*/false);
+  for_runs(cold, [&](int64_t off, uint8_t* p, int64_t bytes, int64_t first, int64_t count) {
+    const int64_t job = backend_->load(off, p, bytes, /*async=*/true);
+    loaded_bytes_ += bytes;
+    for (int64_t pg = first; pg < first + count; ++pg) {
+      state_[pg] = job != 0 ? kLoading : kResident;
+      job_[pg] = job;
+    }
+  });
+  hot_pages_ += static_cast<int64_t>(cold.size());
+  peak_hot_pages_ = std::max(peak_hot_pages_, hot_pages_);
+  // Every hot page of the next tensors is marked, also those already resident (a page shared with
+  // the tensors being updated now): release leaves marked pages resident for their next update.
+  std::vector<int64_t> hot;
+  for (int64_t pg : pages)
+    if (state_[pg] != kCold) hot.push_back(pg);
+  touch(hot);
 }
 
 void PoolCore::release(const std::vector<at::Tensor>& views) {
   const std::lock_guard<std::mutex> lock(mu_);
-  std::vector<int64_t> written;
-  for (int64_t pg : pages_of(views))
-    if (populated_[pg]) written.push_back(pg);
-  for (const Run& r : runs(written)) {
-    const Arena& a = arenas_[r.arena];
-    const int64_t rel = r.first * page_bytes_, bytes = r.count * page_bytes_;
-    backend_->writeback(a.offset + rel, a.base + rel, bytes);
-    evicted_bytes_ += bytes;
-  }
-  // Still hot (counted in the budget) until evicted, but no longer mapped: a later acquire reads
-  // them back (from the page cache while they are there).
-  for (int64_t pg : written) populated_[pg] = 0;
+  std::vector<int64_t> resident;
+  for (int64_t pg : pages_of(views))  // not the pages a prefetch since the last acquire marked
+    if (state_[pg] == kResident && last_use_[pg] <= acquire_tick_) resident.push_back(pg);
+  for_runs(resident, [&](int64_t off, uint8_t* p, int64_t bytes, int64_t first, int64_t count) {
+    const int64_t job = backend_->store(off, p, bytes, /*async=*/true);
+    stored_bytes_ += bytes;
+    for (int64_t pg = first; pg < first + count; ++pg) {
+      state_[pg] = job != 0 ? kStoring : kCold;
+      job_[pg] = job;
+      if (job == 0) {  // stored synchronously: cold now
+        lru_.erase({last_use_[pg], pg});
+        last_use_[pg] = -1;
+        --hot_pages_;
+      }
+    }
+  });
 }
 
 void PoolCore::trim() {
   const std::lock_guard<std::mutex> lock(mu_);
   std::vector<int64_t> hot;
   for (int64_t pg = 0; pg < pages_; ++pg)
-    if (last_use_[pg] >= 0) hot.push_back(pg);
-  evict_pages(std::move(hot));
-  // Anything read outside acquire (torch.save of the state) sits in the page cache: drop it too.
-  for (const Arena& a : arenas_) backend_->evict(a.offset, a.base, a.bytes, /*dirty=*/false);
+    if (state_[pg] != kCold) hot.push_back(pg);
+  evict(std::move(hot));
+  // Whatever was read outside acquire (torch.save of the state) is dropped too.
+  for (const Arena& a : arenas_) backend_->drop(a.offset, a.base, a.bytes);
 }
 
 void PoolCore::reset_stats() {
   const std::lock_guard<std::mutex> lock(mu_);
   peak_hot_pages_ = hot_pages_;
-  evicted_bytes_ = resident_bytes_made_ = evictions_ = 0;
+  stored_bytes_ = loaded_bytes_ = 0;
 }
 
 std::map<std::string, int64_t> PoolCore::stats() {
@@ -438,9 +341,8 @@ std::map<std::string, int64_t> PoolCore::stats() {
           {"allocated_bytes", allocated_bytes_},
           {"hot_bytes", hot_pages_ * page_bytes_},
           {"peak_hot_bytes", peak_hot_pages_ * page_bytes_},
-          {"evicted_bytes", evicted_bytes_},
-          {"loaded_bytes", resident_bytes_made_},
-          {"evictions", evictions_}};
+          {"stored_bytes", stored_bytes_},
+          {"loaded_bytes", loaded_bytes_}};
 }
 
 std::vector<std::vector<int64_t>> PoolCore::arenas() {

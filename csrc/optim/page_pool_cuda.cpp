@@ -49,10 +49,18 @@ class ManagedBackend final : public PageBackend {
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
     C10_CUDA_CHECK(cudaMemsetAsync(p, 0, static_cast<size_t>(bytes), stream()));
   }
-  void make_resident(int64_t, void* p, int64_t bytes) override { move(p, bytes, /*on_device=*/true); }
-  void prefetch(int64_t, void* p, int64_t bytes) override { move(p, bytes, /*on_device=*/true); }
-  void writeback(int64_t, void*, int64_t) override {}
-  void evict(int64_t, void* p, int64_t bytes, bool) override { move(p, bytes, /*on_device=*/false); }
+  // Stream-ordered: the update kernels on the current stream run after the migration; nothing to
+  // wait for on the host.
+  int64_t load(int64_t, void* p, int64_t bytes, bool) override {
+    move(p, bytes, /*on_device=*/true);
+    return 0;
+  }
+  int64_t store(int64_t, void* p, int64_t bytes, bool) override {
+    move(p, bytes, /*on_device=*/false);
+    return 0;
+  }
+  void drop(int64_t, void* p, int64_t bytes) override { move(p, bytes, /*on_device=*/false); }
+  void wait(int64_t) override {}
 
   int64_t device_free_bytes() override {
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));

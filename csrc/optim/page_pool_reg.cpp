@@ -21,7 +21,7 @@ class PagePool : public torch::CustomClassHolder {
     const at::Device dev(device);
     std::unique_ptr<PageBackend> backend;
     if (dev.is_cpu()) {
-      backend = make_file_backend(location, /*shared=*/resident_bytes == 0, page_bytes);
+      backend = make_file_backend(location, /*shared=*/resident_bytes == 0);
     } else if (dev.is_cuda()) {
 #ifdef PEFTX_WITH_CUDA
       backend = make_managed_backend(dev.has_index() ? dev.index() : 0);

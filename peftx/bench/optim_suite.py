@@ -108,7 +108,7 @@ def _case(name, shapes, repeats, page_dir, disk, bnb) -> dict:
     timings = interleaved({k: o.step for k, o in opts.items()}, repeats)
     steps = repeats + 1  # interleaved() warms up once
     stats = paged.pool_stats()
-    spilled = stats["evicted_bytes"] / steps
+    spilled = stats["stored_bytes"] / steps
     loaded = stats["loaded_bytes"] / steps
     base = timings["torch fused"].median_ms
     row = {"op": f"adamw {name}", "dtype": "float32", "M": None, "shape": f"{len(shapes)} tensors, {n / 1e6:.1f}M",

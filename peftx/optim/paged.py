@@ -7,9 +7,10 @@ state is CUDA managed memory; at most ``resident_bytes`` of it is kept on the de
 advised back to host memory. ``resident_bytes=None`` sets no budget (the pages move only under the
 operating system's or the driver's memory pressure).
 
-A step with a budget walks the state in windows of at most half the budget: each window's pages are
+A step with a budget walks the state in windows of a quarter of the budget: each window's pages are
 made resident (evicting the least recently used), the next window's are prefetched asynchronously,
-the window is updated by one fused call, and its pages start writing back. Successive steps walk
+the window is updated by one fused call, and its pages start writing back while the next windows
+are updated. Successive steps walk
 the windows in alternating order, so the pages still resident from one step are the first used by
 the next. The update of each element does not depend on the order, so results are bit-identical to
 the unpaged optimizers.
@@ -28,6 +29,7 @@ from peftx.optim.adamw import AdamW, AdamW8bit
 from peftx.optim.state import fields
 
 MIN_RESIDENT_BYTES = 64 * 1024
+WINDOWS_PER_BUDGET = 4
 _OS_PAGE = os.sysconf("SC_PAGESIZE")
 
 
@@ -89,8 +91,8 @@ class _PagedMixin:
         page_bytes = int(page_bytes)
         if page_bytes <= 0 or page_bytes % _OS_PAGE:
             raise ValueError(f"{name}: page_bytes must be a positive multiple of {_OS_PAGE}, got {page_bytes}")
-        if resident_bytes is not None and resident_bytes // page_bytes < 8:
-            raise ValueError(f"{name}: resident_bytes ({resident_bytes}) must hold at least 8 pages of page_bytes "
+        if resident_bytes is not None and resident_bytes // page_bytes < 16:
+            raise ValueError(f"{name}: resident_bytes ({resident_bytes}) must hold at least 16 pages of page_bytes "
                              f"({page_bytes})")
         self.page_dir = os.fspath(page_dir) if page_dir is not None else tempfile.gettempdir()
         self.resident_bytes = resident_bytes
@@ -117,7 +119,7 @@ class _PagedMixin:
 
     def pool_stats(self, device: str | torch.device = "cpu") -> dict[str, int]:
         """The page pool's counters for ``device`` (bytes: page, budget, capacity, allocated, hot,
-        peak_hot, evicted (spilled), loaded (brought back); evictions)."""
+        peak_hot, stored (written to the backing store: spilled), loaded (brought back))."""
         return dict(self._pool(torch.device(device)).stats())
 
     def _alloc_state(self, p: torch.Tensor, eight_bit: bool) -> dict[str, torch.Tensor]:
@@ -129,9 +131,14 @@ class _PagedMixin:
         pool = self._pool(p.device)
         return {f.name: pool.alloc(max(f.nbytes, 1))[:f.nbytes].view(f.dtype).view(f.shape) for f in fields(p, eight_bit)}
 
+    def _window_pages(self) -> int:
+        """Pages per window: a quarter of the budget, so that while one window is updated the next
+        is read ahead and the two before it are still being written, all within the budget."""
+        return max(4, self.resident_bytes // self.page_bytes // WINDOWS_PER_BUDGET)
+
     def _max_chunk(self, eight_bit: bool) -> int:
         """Elements per segment so that one segment's state fits in a window."""
-        window_pages = self.resident_bytes // self.page_bytes // 2
+        window_pages = self._window_pages()
         if eight_bit:  # two code ranges of 1 byte/element (+1 page each for misalignment) + two small absmax ranges
             per_range = (window_pages // 2 - 2) * self.page_bytes
             return max(QUANT_BLOCK, per_range // QUANT_BLOCK * QUANT_BLOCK)
@@ -140,7 +147,7 @@ class _PagedMixin:
 
     def _windows(self, pool, params: list[torch.Tensor]) -> list[list[_Segment]]:
         pages = _Pages(pool, self.page_bytes)
-        limit = self.resident_bytes // self.page_bytes // 2
+        limit = self._window_pages()
         windows, cur, cur_pages = [], [], set()
         for p in params:
             state = self.state[p]
@@ -194,7 +201,8 @@ class _PagedMixin:
                 if k + 1 < len(windows):
                     pool.prefetch([t for s in windows[k + 1] for t in s.state])
                 self._run(w, hyper)
-                pool.release(views)
+                if k + 1 < len(windows):  # the last window stays resident: the next step starts with it
+                    pool.release(views)
         self._flip = not self._flip
 
     def state_dict(self) -> dict:
