@@ -8,9 +8,12 @@
 // Both are sorted ascending with 256 entries in [-1, 1]. A scaled value x in [-1, 1] is encoded as the
 // number of code midpoints (code[i] + code[i + 1]) * 0.5 (fp32) strictly below x: the nearest code,
 // ties to the lower one. That is torch.bucketize(x, midpoints), what bitsandbytes' pure-torch
-// quantize_blockwise does. Instead of an 8-step binary search the encoder looks x up in a bucket
-// table indexed by its sign, exponent and top 7 mantissa bits: every bucket holds at most one
-// midpoint (QuantTables::build checks it), so the count is base[bucket] + (x > mid[base[bucket]]).
+// quantize_blockwise does. Instead of an 8-step binary search the encoder makes one lookup in a
+// bucket table indexed by x's sign, exponent and top 7 mantissa bits. Every bucket holds at most
+// one midpoint (QuantTables::build checks it), whose sign, exponent and top 7 mantissa bits are the
+// bucket's, so an entry packs the count below the bucket, whether a midpoint is inside, and that
+// midpoint's low 16 mantissa bits: x is above it iff x's low 16 bits compare above (below for
+// negative x).
 #pragma once
 
 #include <cstdint>
@@ -102,9 +105,9 @@ constexpr int kBuckets = 2 * kBucketsPerSign;                         // 6400
 // to each device that runs the CUDA kernels. Index 0 is the signed map (m), 1 the unsigned map (v).
 struct QuantTables {
   float code[2][256];
-  float mid[2][256];  // mid[k][i] = (code[k][i] + code[k][i + 1]) * 0.5f for i < 255; mid[k][255] = +inf
-  uint8_t base[2][kBuckets];  // number of midpoints below every value of the bucket
-  uint8_t pad[4];             // lets a vector kernel read base[1][kBuckets - 1] as a 32-bit word
+  // bits 0-7: midpoints below every value of the bucket; bit 8: a midpoint lies inside; bits 16-31:
+  // that midpoint's low 16 mantissa bits. Midpoints are (code[i] + code[i + 1]) * 0.5f in fp32.
+  uint32_t entry[2][kBuckets];
 
   // Fills the tables; returns false if some bucket would hold more than one midpoint.
   bool build();
@@ -127,8 +130,11 @@ PEFTX_HD int bucket_of(float x) {
 // Nearest code of x (map 0 signed, 1 unsigned): the number of midpoints strictly below x. NaN
 // encodes as the base of its bucket.
 PEFTX_HD uint8_t encode_nearest(const QuantTables& t, int map, float x) {
-  const int k = t.base[map][bucket_of(x)];
-  return static_cast<uint8_t>(k + (x > t.mid[map][k] ? 1 : 0));
+  const uint32_t u = float_bits(x);
+  const uint32_t e = t.entry[map][bucket_of(x)];
+  const uint32_t low = u & 0xffffu, mid_low = e >> 16;
+  const bool above = (e & 0x100u) != 0 && ((u >> 31) != 0 ? low < mid_low : low > mid_low);
+  return static_cast<uint8_t>((e & 0xffu) + (above ? 1u : 0u));
 }
 
 // Host only: the tables' contents, and the reference encoder used to check the bucket tables.
@@ -139,39 +145,38 @@ inline bool QuantTables::build() {
     code[1][i] = kUnsignedDynamicCode[i];
   }
   for (int k = 0; k < 2; ++k) {
-    for (int i = 0; i < 255; ++i) mid[k][i] = (code[k][i] + code[k][i + 1]) * 0.5f;
-    mid[k][255] = __builtin_inff();
+    float mid[255];
+    for (int i = 0; i < 255; ++i) mid[i] = (code[k][i] + code[k][i + 1]) * 0.5f;
     for (int sign = 0; sign < 2; ++sign) {
       for (int b = 0; b < kBucketsPerSign; ++b) {
         // Bucket b covers magnitudes [lo, hi): exact powers of two times (1 + j / 128).
         const int eb = b >> kMantissaBits, j = b & ((1 << kMantissaBits) - 1);
         float lo = 0.0f, hi = 0.0f;
         if (eb == 0) {
-          if (j != 0) {  // unused slots of bucket 0: keep them harmless
-            base[k][sign * kBucketsPerSign + b] = base[k][sign * kBucketsPerSign];
-            continue;
-          }
           hi = __builtin_ldexpf(1.0f, kMinExponent - 127);
         } else {
           const int e = eb + kMinExponent - 1 - 127;
           lo = __builtin_ldexpf(1.0f + j / 128.0f, e);
           hi = __builtin_ldexpf(1.0f + (j + 1) / 128.0f, e);
         }
-        // Positive bucket: values in [lo, hi), base = #(mid < lo). Negative: (-hi, -lo], base =
-        // #(mid <= -hi). At most one midpoint may fall inside the bucket.
+        // Positive bucket: values in [lo, hi), below = #(mid < lo). Negative: (-hi, -lo], below =
+        // #(mid <= -hi).
         int below = 0, inside = 0;
+        float in = 0.0f;
         for (int i = 0; i < 255; ++i) {
-          const float m = mid[k][i];
-          if (sign == 0) {
-            below += m < lo;
-            inside += m >= lo && m < hi;
-          } else {
-            below += m <= -hi;
-            inside += m > -hi && m <= -lo;
+          const float m = mid[i];
+          const bool under = sign == 0 ? m < lo : m <= -hi;
+          const bool within = sign == 0 ? (m >= lo && m < hi) : (m > -hi && m <= -lo);
+          below += under;
+          if (within) {
+            ++inside;
+            in = m;
           }
         }
-        if (inside > 1) return false;
-        base[k][sign * kBucketsPerSign + b] = static_cast<uint8_t>(below);
+        // At most one midpoint per bucket, and bucket 0 (mixed exponents) must hold none.
+        if (inside > 1 || (inside == 1 && eb == 0)) return false;
+        entry[k][sign * kBucketsPerSign + b] =
+            static_cast<uint32_t>(below) | (inside ? 0x100u | ((float_bits(in) & 0xffffu) << 16) : 0u);
       }
     }
   }

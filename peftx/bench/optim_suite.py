@@ -111,7 +111,7 @@ def _case(name, shapes, repeats, page_dir, disk, bnb) -> dict:
     spilled = stats["stored_bytes"] / steps
     loaded = stats["loaded_bytes"] / steps
     base = timings["torch fused"].median_ms
-    row = {"op": f"adamw {name}", "dtype": "float32", "M": None, "shape": f"{len(shapes)} tensors, {n / 1e6:.1f}M",
+    row = {"op": f"step {name[:3]}", "dtype": "float32", "M": None, "shape": f"{len(shapes)} tensors, {n / 1e6:.1f}M",
            "anchor": "torch fused", "results": {}}
     for k, t in timings.items():
         eight_bit = k.endswith("8bit")
@@ -126,6 +126,7 @@ def _case(name, shapes, repeats, page_dir, disk, bnb) -> dict:
                     "peak_resident_bytes": stats["peak_hot_bytes"]}
     r = row["results"]
     row["notes"] = [
+        f"{name}: {len(shapes)} tensors, {n / 1e6:.1f}M parameters",
         f"targets: peftx AdamW / torch fused = {r['peftx AdamW']['median_ms'] / base:.2f}x "
         f"({'<= 1.1x' if name.startswith('(b)') else '< 1x'} wanted); AdamW8bit / torch fused = "
         f"{r['peftx AdamW8bit']['median_ms'] / base:.2f}x (<= 3x), "
