@@ -186,9 +186,9 @@ class FileBackend final : public PageBackend {
   int run(const Job& j) {
     uint8_t* p = static_cast<uint8_t*>(j.p);
     if (j.read) {
-      if (mmap(p, static_cast<size_t>(j.bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1,
-               0) != p)
-        return errno;
+      // Fresh anonymous memory (allocated up front, not a fault at a time) for the read to land in.
+      constexpr int kAnon = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_POPULATE;
+      if (mmap(p, static_cast<size_t>(j.bytes), PROT_READ | PROT_WRITE, kAnon, -1, 0) != p) return errno;
       const int err = transfer(j, true);
       if (err != 0) remap(j.offset, p, j.bytes);
       return err;
