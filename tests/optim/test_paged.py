@@ -298,9 +298,6 @@ def test_cuda_paged_state_is_managed_memory_and_bit_identical(paged_cls, cls):
     assert all(torch.equal(a, b) for a, b in zip(ps, ref))
     stats = opt.pool_stats(ps[0].device)
     assert stats["stored_bytes"] > 0 and stats["peak_hot_bytes"] <= budget
-    attrs = torch.cuda.cudart().cudaPointerGetAttributes if hasattr(torch.cuda.cudart(), "cudaPointerGetAttributes") \
-        else None
-    del attrs
     state = next(iter(opt.state.values()))
     assert state["step"].device.type == "cpu" and all(v.is_cuda for k, v in state.items() if k != "step")
 
