@@ -3,8 +3,9 @@
 // private mapping of the file, whose content is the state. So a state tensor reads correctly at
 // every moment and its address never changes, and pages move by large pread / pwrite calls
 // (O_DIRECT where the file system allows it: no page cache, no copy), never a page fault at a time,
-// on two threads (loads and stores overlap on the device; the pool never loads a page while its
-// store is in flight):
+// on I/O threads of their own: a load or store is cut into pieces of at most kPieceBytes, served by
+// kThreadsPerQueue threads per direction, so several requests are in flight on the device and loads
+// overlap stores (the pool never loads a page while its store is in flight):
 //   load:  map anonymous memory over the range (MAP_FIXED) and read the file into it;
 //   store: write the range to the file, then map the file back over it (freeing the memory).
 // Without a budget (shared) the arenas are shared mappings of the file instead: the page cache is
@@ -30,6 +31,9 @@ namespace {
 
 std::string errno_text(int e) { return std::string(std::strerror(e)); }
 
+constexpr int64_t kPieceBytes = int64_t(1) << 20;
+constexpr int kThreadsPerQueue = 3;
+
 class FileBackend final : public PageBackend {
  public:
   FileBackend(const std::string& dir, bool shared) : dir_(dir), shared_(shared) {
@@ -52,8 +56,9 @@ class FileBackend final : public PageBackend {
       stop_ = true;
     }
     work_cv_.notify_all();
-    for (std::thread& t : threads_)
-      if (t.joinable()) t.join();
+    for (auto& queue_threads : threads_)
+      for (std::thread& t : queue_threads)
+        if (t.joinable()) t.join();
     if (direct_fd_ >= 0) close(direct_fd_);
     close(fd_);
   }
@@ -113,6 +118,11 @@ class FileBackend final : public PageBackend {
     fail_if(err, read);
   }
 
+  bool done(int64_t job) override {
+    const std::lock_guard<std::mutex> lock(mu_);
+    return job == 0 || done_.count(job) != 0;
+  }
+
   int64_t device_free_bytes() override { return -1; }
   at::Device device() const override { return at::Device(at::kCPU); }
   std::string location() const override { return path_; }
@@ -148,8 +158,13 @@ class FileBackend final : public PageBackend {
       const std::lock_guard<std::mutex> lock(mu_);
       job.id = ++last_id_;
       const int q = job.read ? 0 : 1;
-      queues_[q].push_back(job);
-      if (!threads_[q].joinable()) threads_[q] = std::thread([this, q] { worker(q); });
+      int pieces = 0;
+      for (int64_t done = 0; done < job.bytes; done += kPieceBytes, ++pieces)
+        queues_[q].push_back(Job{job.id, job.read, job.offset + done, static_cast<uint8_t*>(job.p) + done,
+                                 std::min(kPieceBytes, job.bytes - done)});
+      pending_[job.id] = {pieces, 0};
+      for (std::thread& t : threads_[q])
+        if (!t.joinable()) t = std::thread([this, q] { worker(q); });
     }
     work_cv_.notify_all();
     return job.id;
@@ -169,7 +184,12 @@ class FileBackend final : public PageBackend {
       const int err = run(job);
       {
         const std::lock_guard<std::mutex> lock(mu_);
-        done_[job.id] = {err, job.read};
+        auto& [left, first_err] = pending_[job.id];
+        if (first_err == 0) first_err = err;
+        if (--left == 0) {
+          done_[job.id] = {first_err, job.read};
+          pending_.erase(job.id);
+        }
         --running_;
       }
       done_cv_.notify_all();
@@ -235,9 +255,10 @@ class FileBackend final : public PageBackend {
   int fd_ = -1, direct_fd_ = -1;
   std::mutex mu_;
   std::condition_variable work_cv_, done_cv_;
-  std::deque<Job> queues_[2];  // loads, stores
+  std::deque<Job> queues_[2];  // pieces of loads, of stores
+  std::map<int64_t, std::pair<int, int>> pending_;  // job -> (pieces left, first errno)
   std::map<int64_t, std::pair<int, bool>> done_;  // job -> (errno, was a read)
-  std::thread threads_[2];
+  std::thread threads_[2][kThreadsPerQueue];
   int64_t last_id_ = 0, file_end_ = 0;
   int running_ = 0;
   bool stop_ = false;

@@ -229,17 +229,19 @@ void PoolCore::evict(std::vector<int64_t> pages) {
   }
 }
 
-// Evicts least recently used hot pages outside `wanted` (and, with keep_recent, none the last
-// acquire or anything after it touched) until `need` more pages fit in the budget and, on a
-// device, in its free memory. Returns how many of the `need` pages fit.
-int64_t PoolCore::ensure_room(const std::vector<int64_t>& wanted, int64_t need, bool keep_recent) {
+// Evicts least recently used hot pages outside `wanted` until `need` more pages fit in the budget
+// and, on a device, in its free memory. With `prefetching`, never waits: skips pages the last
+// acquire or anything after it touched and pages with a load or store still in flight. Returns how
+// many of the `need` pages fit.
+int64_t PoolCore::ensure_room(const std::vector<int64_t>& wanted, int64_t need, bool prefetching) {
   std::vector<int64_t> victims;
   int64_t over = budget_pages_ > 0 ? hot_pages_ + need - budget_pages_ : 0;
   const int64_t free_bytes = backend_->device_free_bytes();
   if (free_bytes >= 0) over = std::max(over, (need * page_bytes_ - free_bytes + page_bytes_ - 1) / page_bytes_);
   for (auto it = lru_.begin(); over > 0 && it != lru_.end(); ++it) {
-    if (keep_recent && it->first >= acquire_tick_) break;
+    if (prefetching && it->first >= acquire_tick_) break;
     if (std::binary_search(wanted.begin(), wanted.end(), it->second)) continue;
+    if (prefetching && state_[it->second] != kResident && !backend_->done(job_[it->second])) continue;
     victims.push_back(it->second);
     --over;
   }
@@ -257,7 +259,7 @@ void PoolCore::acquire(const std::vector<at::Tensor>& views) {
   std::vector<int64_t> cold;
   for (int64_t pg : pages)
     if (state_[pg] == kCold) cold.push_back(pg);
-  ensure_room(pages, static_cast<int64_t>(cold.size()), /*keep_recent=*/false);
+  ensure_room(pages, static_cast<int64_t>(cold.size()), /*prefetching=*/false);
   for_runs(cold, [&](int64_t off, uint8_t* p, int64_t bytes, int64_t first, int64_t count) {
     backend_->load(off, p, bytes, /*async=*/false);
     loaded_bytes_ += bytes;
@@ -275,7 +277,7 @@ void PoolCore::prefetch(const std::vector<at::Tensor>& views) {
   std::vector<int64_t> cold;
   for (int64_t pg : pages)
     if (state_[pg] == kCold) cold.push_back(pg);
-  const int64_t fit = ensure_room(pages, static_cast<int64_t>(cold.size()), /*keep_recent=*/true);
+  const int64_t fit = ensure_room(pages, static_cast<int64_t>(cold.size()), /*prefetching=*/true);
   cold.resize(static_cast<size_t>(std::max<int64_t>(fit, 0)));
   for_runs(cold, [&](int64_t off, uint8_t* p, int64_t bytes, int64_t first, int64_t count) {
     const int64_t job = backend_->load(off, p, bytes, /*async=*/true);

@@ -14,8 +14,8 @@
 // asynchronous store in flight); all but cold count in the budget.
 //   acquire(tensors):  the pages under the tensors become resident before their update, evicting
 //                      the least recently used pages beyond the budget;
-//   prefetch(tensors): best effort, starts loading the cold pages (never evicts what the last
-//                      acquire brought in);
+//   prefetch(tensors): best effort, starts loading the cold pages that fit without waiting (never
+//                      evicts what the last acquire brought in, nor a page with I/O in flight);
 //   release(tensors):  the update is done: starts storing the pages (they stay counted until the
 //                      store completes and the page is evicted), except pages the last prefetch
 //                      also covers (they stay resident for that update).
@@ -50,6 +50,7 @@ class PageBackend {
   virtual int64_t store(int64_t offset, void* p, int64_t bytes, bool async) = 0;  // write back, free memory
   virtual void drop(int64_t offset, void* p, int64_t bytes) = 0;  // free memory of an unmodified range
   virtual void wait(int64_t job) = 0;  // throws the job's error
+  virtual bool done(int64_t job) = 0;  // whether wait(job) would return at once
   // Bytes the device could still take (CUDA); -1 when not a concern (CPU).
   virtual int64_t device_free_bytes() = 0;
   virtual at::Device device() const = 0;
@@ -102,7 +103,7 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
   void settle(const std::vector<int64_t>& pages);  // wait for in-flight jobs on these pages
   void touch(const std::vector<int64_t>& pages);   // mark hot, most recently used
   void evict(std::vector<int64_t> pages);
-  int64_t ensure_room(const std::vector<int64_t>& wanted, int64_t need, bool keep_recent);
+  int64_t ensure_room(const std::vector<int64_t>& wanted, int64_t need, bool prefetching);
 
   std::mutex mu_;
   std::unique_ptr<PageBackend> backend_;

@@ -61,6 +61,7 @@ class ManagedBackend final : public PageBackend {
   }
   void drop(int64_t, void* p, int64_t bytes) override { move(p, bytes, /*on_device=*/false); }
   void wait(int64_t) override {}
+  bool done(int64_t) override { return true; }
 
   int64_t device_free_bytes() override {
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));

@@ -7,10 +7,10 @@ state is CUDA managed memory; at most ``resident_bytes`` of it is kept on the de
 advised back to host memory. ``resident_bytes=None`` sets no budget (the pages move only under the
 operating system's or the driver's memory pressure).
 
-A step with a budget walks the state in windows of a quarter of the budget: each window's pages are
-made resident (evicting the least recently used), the next window's are prefetched asynchronously,
-the window is updated by one fused call, and its pages start writing back while the next windows
-are updated. Successive steps walk
+A step with a budget walks the state in windows of a sixth of the budget: each window's pages are
+made resident (evicting the least recently used), the next two windows' are prefetched
+asynchronously, the window is updated by one fused call, and its pages start writing back while the
+next windows are updated. Successive steps walk
 the windows in alternating order, so the pages still resident from one step are the first used by
 the next. The update of each element does not depend on the order, so results are bit-identical to
 the unpaged optimizers.
@@ -29,7 +29,8 @@ from peftx.optim.adamw import AdamW, AdamW8bit
 from peftx.optim.state import fields
 
 MIN_RESIDENT_BYTES = 64 * 1024
-WINDOWS_PER_BUDGET = 4
+WINDOWS_PER_BUDGET = 6
+PREFETCH_WINDOWS = 3
 _OS_PAGE = os.sysconf("SC_PAGESIZE")
 
 
@@ -132,8 +133,8 @@ class _PagedMixin:
         return {f.name: pool.alloc(max(f.nbytes, 1))[:f.nbytes].view(f.dtype).view(f.shape) for f in fields(p, eight_bit)}
 
     def _window_pages(self) -> int:
-        """Pages per window: a quarter of the budget, so that while one window is updated the next
-        is read ahead and the two before it are still being written, all within the budget."""
+        """Pages per window: a sixth of the budget, so that while one window is updated the next two
+        are read ahead and the ones before it are still being written, all within the budget."""
         return max(4, self.resident_bytes // self.page_bytes // WINDOWS_PER_BUDGET)
 
     def _max_chunk(self, eight_bit: bool) -> int:
@@ -198,8 +199,8 @@ class _PagedMixin:
             for k, w in enumerate(windows):
                 views = [t for s in w for t in s.state]
                 pool.acquire(views)
-                if k + 1 < len(windows):
-                    pool.prefetch([t for s in windows[k + 1] for t in s.state])
+                for ahead in windows[k + 1:k + 1 + PREFETCH_WINDOWS]:
+                    pool.prefetch([t for s in ahead for t in s.state])
                 self._run(w, hyper)
                 if k + 1 < len(windows):  # the last window stays resident: the next step starts with it
                     pool.release(views)
