@@ -25,16 +25,18 @@ TORCH_LIBRARY(peftx, m) {
       "nf4_matmul_t(Tensor grad, Tensor packed, Tensor absmax, Tensor code, int blocksize, int "
       "in_features) -> Tensor");
   // Fused AdamW steps (csrc/optim/), one call for many tensors: params[i] (fp32/fp16/bf16) and its
-  // state are updated in place; steps[i] is the step count of this update (already incremented).
+  // state are updated in place; steps[i] is the step count of this update: incremented first when
+  // increment_steps (once per distinct tensor), else already incremented by the caller.
   // The math: csrc/optim/adamw_math.h. fp32 state:
   m.def(
       "adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()");
+      "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize, "
+      "bool increment_steps=False) -> ()");
   // 8-bit state: uint8 codes of the signed (m) / unsigned (v) dynamic map, fp32 absmax per 256.
   m.def(
       "adamw8bit_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg_codes, Tensor(c!)[] "
-      "exp_avg_absmax, Tensor(d!)[] exp_avg_sq_codes, Tensor(e!)[] exp_avg_sq_absmax, Tensor[] steps, float "
-      "lr, float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()");
+      "exp_avg_absmax, Tensor(d!)[] exp_avg_sq_codes, Tensor(e!)[] exp_avg_sq_absmax, Tensor(f!)[] steps, float "
+      "lr, float beta1, float beta2, float eps, float weight_decay, bool maximize, bool increment_steps=False) -> ()");
   // The page pool of the paged optimizers is a custom class: csrc/optim/page_pool_reg.cpp.
 }
 
@@ -57,10 +59,10 @@ TORCH_LIBRARY(peftx_emulate, m) {
       "in_features) -> Tensor");
   m.def(
       "adamw_step_kernel(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] "
-      "exp_avg_sqs, Tensor[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool "
-      "maximize) -> ()");
+      "exp_avg_sqs, Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool "
+      "maximize, bool increment_steps=False) -> ()");
   m.def(
       "adamw8bit_step_kernel(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg_codes, Tensor(c!)[] "
-      "exp_avg_absmax, Tensor(d!)[] exp_avg_sq_codes, Tensor(e!)[] exp_avg_sq_absmax, Tensor[] steps, float "
-      "lr, float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()");
+      "exp_avg_absmax, Tensor(d!)[] exp_avg_sq_codes, Tensor(e!)[] exp_avg_sq_absmax, Tensor(f!)[] steps, float "
+      "lr, float beta1, float beta2, float eps, float weight_decay, bool maximize, bool increment_steps=False) -> ()");
 }

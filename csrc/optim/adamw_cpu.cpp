@@ -193,8 +193,8 @@ void run_adamw8(const std::vector<AdamW8Tensor>& tensors, const AdamWHyper& h) {
 
 void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList steps, double lr, double beta1, double beta2, double eps, double weight_decay,
-                    bool maximize) {
-  const HyperArgs a{lr, beta1, beta2, eps, weight_decay, maximize};
+                    bool maximize, bool increment) {
+  const HyperArgs a{lr, beta1, beta2, eps, weight_decay, maximize, increment};
   Prepared<AdamWTensor> prep;
   prepare_adamw(kStep, params, grads, exp_avgs, exp_avg_sqs, steps, a, prep);
   const AdamWHyper h = make_hyper(a);
@@ -206,8 +206,8 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 void adamw8bit_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_codes,
                         at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_codes,
                         at::TensorList exp_avg_sq_absmax, at::TensorList steps, double lr, double beta1, double beta2,
-                        double eps, double weight_decay, bool maximize) {
-  const HyperArgs a{lr, beta1, beta2, eps, weight_decay, maximize};
+                        double eps, double weight_decay, bool maximize, bool increment) {
+  const HyperArgs a{lr, beta1, beta2, eps, weight_decay, maximize, increment};
   Prepared<AdamW8Tensor> prep;
   prepare_adamw8(kStep8, params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, steps, a,
                  prep);

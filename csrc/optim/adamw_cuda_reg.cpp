@@ -67,9 +67,9 @@ at::Device device_of(at::TensorList params) {
 
 void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                      at::TensorList steps, double lr, double beta1, double beta2, double eps, double weight_decay,
-                     bool maximize) {
+                     bool maximize, bool increment) {
   constexpr const char* op = "adamw_step";
-  const HyperArgs a{lr, beta1, beta2, eps, weight_decay, maximize};
+  const HyperArgs a{lr, beta1, beta2, eps, weight_decay, maximize, increment};
   Prepared<AdamWTensor> prep;
   prepare_adamw(op, params, grads, exp_avgs, exp_avg_sqs, steps, a, prep);
   if (prep.dtypes.empty()) return;
@@ -93,9 +93,9 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
 void adamw8bit_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_codes,
                          at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_codes,
                          at::TensorList exp_avg_sq_absmax, at::TensorList steps, double lr, double beta1,
-                         double beta2, double eps, double weight_decay, bool maximize) {
+                         double beta2, double eps, double weight_decay, bool maximize, bool increment) {
   constexpr const char* op = "adamw8bit_step";
-  const HyperArgs a{lr, beta1, beta2, eps, weight_decay, maximize};
+  const HyperArgs a{lr, beta1, beta2, eps, weight_decay, maximize, increment};
   Prepared<AdamW8Tensor> prep;
   prepare_adamw8(op, params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, steps, a,
                  prep);

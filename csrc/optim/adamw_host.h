@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -18,6 +19,7 @@ namespace optim {
 struct HyperArgs {
   double lr, beta1, beta2, eps, weight_decay;
   bool maximize;
+  bool increment_steps;  // count this update in steps (once per distinct tensor) before reading them
 };
 
 inline void check_hyper(const char* op, const HyperArgs& a) {
@@ -44,8 +46,22 @@ inline void bias_terms(const HyperArgs& a, double t, float& neg_step_size, float
   bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(a.beta2, t)));
 }
 
+// Adds 1 to each distinct step tensor (a list may name one tensor several times: slices of one
+// parameter). The optimizers' CPU fp32 scalars are bumped in place without a dispatch each.
+inline void increment_steps(at::TensorList steps) {
+  std::vector<const void*> seen;
+  for (const at::Tensor& s : steps) {
+    const void* key = s.const_data_ptr();
+    if (std::find(seen.begin(), seen.end(), key) != seen.end()) continue;
+    seen.push_back(key);
+    if (s.is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1)
+      *static_cast<float*>(const_cast<void*>(key)) += 1.0f;
+    else
+      at::Tensor(s).add_(1);
+  }
+}
+
 inline double read_step(const char* op, size_t i, const at::Tensor& step) {
-  TORCH_CHECK(step.numel() == 1, op, ": steps[", i, "] must hold one number, got shape ", step.sizes());
   // The optimizers keep steps as CPU fp32 scalars (torch's convention): read those directly.
   const double t = step.is_cpu() && step.scalar_type() == at::kFloat ? static_cast<double>(*step.const_data_ptr<float>())
                                                                      : step.item<double>();
@@ -82,6 +98,10 @@ class ContiguousArgs {
 inline void check_list_sizes(const char* op, size_t n, std::initializer_list<std::pair<const char*, size_t>> lists) {
   for (const auto& [name, size] : lists)
     TORCH_CHECK(size == n, op, ": ", name, " must have one tensor per parameter (", n, "), got ", size);
+}
+
+inline void check_step(const char* op, size_t i, const at::Tensor& step) {
+  TORCH_CHECK(step.numel() == 1, op, ": steps[", i, "] must hold one number, got shape ", step.sizes());
 }
 
 inline void check_param(const char* op, size_t i, const at::Tensor& p, const at::Tensor& g, const at::Device& dev) {
@@ -131,7 +151,9 @@ inline void prepare_adamw(const char* op, at::TensorList params, at::TensorList 
     check_param(op, i, params[i], grads[i], dev);
     check_state(op, "exp_avgs", i, exp_avgs[i], at::kFloat, params[i].numel(), dev);
     check_state(op, "exp_avg_sqs", i, exp_avg_sqs[i], at::kFloat, params[i].numel(), dev);
+    check_step(op, i, steps[i]);
   }
+  if (a.increment_steps) increment_steps(steps);
   for (size_t i = 0; i < n; ++i) {
     AdamWTensor t{};
     bias_terms(a, read_step(op, i, steps[i]), t.neg_step_size, t.bc2_sqrt);
@@ -165,7 +187,9 @@ inline void prepare_adamw8(const char* op, at::TensorList params, at::TensorList
     check_state(op, "exp_avg_sq_codes", i, exp_avg_sq_codes[i], at::kByte, numel, dev);
     check_state(op, "exp_avg_absmax", i, exp_avg_absmax[i], at::kFloat, quant_blocks(numel), dev);
     check_state(op, "exp_avg_sq_absmax", i, exp_avg_sq_absmax[i], at::kFloat, quant_blocks(numel), dev);
+    check_step(op, i, steps[i]);
   }
+  if (a.increment_steps) increment_steps(steps);
   for (size_t i = 0; i < n; ++i) {
     AdamW8Tensor t{};
     bias_terms(a, read_step(op, i, steps[i]), t.neg_step_size, t.bc2_sqrt);

@@ -46,10 +46,18 @@ def adamw_math_ref(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.T
     return p + (_f32(neg_step) * m) / denom, m, v
 
 
+def _increment(steps: Sequence[torch.Tensor]) -> None:
+    for s in {id(s): s for s in steps}.values():
+        s.add_(1)
+
+
 def adamw_step_ref(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
                    exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], *, lr: float, beta1: float,
-                   beta2: float, eps: float, weight_decay: float, maximize: bool = False) -> None:
+                   beta2: float, eps: float, weight_decay: float, maximize: bool = False,
+                   increment_steps: bool = False) -> None:
     """In place, like the op."""
+    if increment_steps:
+        _increment(steps)
     for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         np_, nm, nv = adamw_math_ref(p.float(), g.float(), m, v, float(s), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                      weight_decay=weight_decay, maximize=maximize)
@@ -93,8 +101,10 @@ def dequantize_blockwise_ref(q: torch.Tensor, absmax: torch.Tensor, code: torch.
 
 def adamw8bit_step_ref(params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, steps, *,
                        lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                       maximize: bool = False) -> None:
+                       maximize: bool = False, increment_steps: bool = False) -> None:
     """In place, like the op."""
+    if increment_steps:
+        _increment(steps)
     for p, g, qm, am, qv, av, s in zip(params, grads, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
                                        exp_avg_sq_absmax, steps):
         m = dequantize_blockwise_ref(qm, am, DYNAMIC_CODE)

@@ -120,9 +120,9 @@ class _FusedAdamW(torch.optim.Optimizer):
                     continue
                 if g.is_sparse:
                     raise RuntimeError(f"{name}: sparse gradients are not supported")
-                if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
-                    raise RuntimeError(f"{name}: the gradient of a parameter {list(p.shape)} {p.dtype} on {p.device} "
-                                       f"is {list(g.shape)} {g.dtype} on {g.device}")
+                # (torch's .grad setter already ensures the shape and device match the parameter's)
+                if g.dtype is not p.dtype:
+                    raise RuntimeError(f"{name}: the gradient of a parameter {list(p.shape)} {p.dtype} is {g.dtype}")
                 items.append(p)
             work.append((hyper, items))
         created = []
@@ -148,16 +148,15 @@ class _FusedAdamW(torch.optim.Optimizer):
             buckets[(p.device, "exp_avg_codes" in self.state[p])].append(p)
         for (_, eight_bit), ps in buckets.items():
             states = [self.state[p] for p in ps]
-            steps = [s["step"] for s in states]
-            torch._foreach_add_(steps, 1.0)
+            steps = [s["step"] for s in states]  # counted by the op
             grads = [p.grad for p in ps]
             if eight_bit:
                 adamw8bit_step(ps, grads, [s["exp_avg_codes"] for s in states], [s["exp_avg_absmax"] for s in states],
                                [s["exp_avg_sq_codes"] for s in states], [s["exp_avg_sq_absmax"] for s in states],
-                               steps, **hyper)
+                               steps, increment_steps=True, **hyper)
             else:
                 adamw_step(ps, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], steps,
-                           **hyper)
+                           increment_steps=True, **hyper)
 
     # --- load_state_dict -----------------------------------------------------------------------
 

@@ -117,6 +117,28 @@ def test_non_contiguous_inputs(device, dtype):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("eight_bit", [False, True])
+def test_increment_steps_counts_each_tensor_once(device, eight_bit):
+    # Slices of one parameter share its step tensor: the op counts the update once per tensor.
+    make, op, ref = ((make_8bit_case, optim_ops.adamw8bit_step, adamw8bit_step_ref) if eight_bit else
+                     (make_fp32_case, optim_ops.adamw_step, adamw_step_ref))
+    case = list(make([300, 512, 70], torch.float32, device))
+    shared = torch.tensor(4.0)
+    case[-1] = [shared, shared, torch.tensor(9.0)]
+    ours, want = clone_all(case), clone_all(case)
+    ours[-1] = [ours[-1][0], ours[-1][0], ours[-1][2]]
+    want[-1] = [want[-1][0], want[-1][0], want[-1][2]]
+    op(*ours, increment_steps=True, **HYPER)
+    ref(*want, increment_steps=True, **HYPER)
+    assert [s.item() for s in ours[-1]] == [5.0, 5.0, 10.0]
+    for got, exp in zip(ours[:-1], want[:-1]):
+        assert _equal(got, exp)
+    before = [s.item() for s in ours[-1]]
+    with pytest.raises(RuntimeError, match="lr must be"):  # a bad call counts nothing
+        op(*ours, increment_steps=True, **{**HYPER, "lr": -1.0})
+    assert [s.item() for s in ours[-1]] == before
+
+
 def test_empty_lists_are_a_no_op(device):
     optim_ops.adamw_step([], [], [], [], [], **HYPER)
     optim_ops.adamw8bit_step([], [], [], [], [], [], [], **HYPER)
@@ -151,9 +173,10 @@ def test_quantize_ref_encodes_nearest_code():
 OPCHECK_TESTS = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
 
 
-def test_opcheck(device):
+@pytest.mark.parametrize("increment", [False, True])
+def test_opcheck(device, increment):
     case = make_fp32_case([7, 300], torch.float32, device)
-    hyper = list(HYPER.values())
+    hyper = [*HYPER.values(), increment]
     torch.library.opcheck(torch.ops.peftx.adamw_step.default, (*clone_all(case), *hyper), test_utils=OPCHECK_TESTS)
     case8 = make_8bit_case([7, 600], torch.bfloat16, device)
     torch.library.opcheck(torch.ops.peftx.adamw8bit_step.default, (*clone_all(case8), *hyper),
