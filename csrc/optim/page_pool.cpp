@@ -274,9 +274,12 @@ void PoolCore::acquire(const std::vector<at::Tensor>& views) {
 void PoolCore::prefetch(const std::vector<at::Tensor>& views) {
   const std::lock_guard<std::mutex> lock(mu_);
   const std::vector<int64_t> pages = pages_of(views);
+  // Cold pages in the order of `views` (the nearest tensors first), so what fits is what is
+  // needed soonest.
   std::vector<int64_t> cold;
-  for (int64_t pg : pages)
-    if (state_[pg] == kCold) cold.push_back(pg);
+  for (const at::Tensor& t : views)
+    for (int64_t pg : pages_of({t}))
+      if (state_[pg] == kCold && std::find(cold.begin(), cold.end(), pg) == cold.end()) cold.push_back(pg);
   const int64_t fit = ensure_room(pages, static_cast<int64_t>(cold.size()), /*prefetching=*/true);
   cold.resize(static_cast<size_t>(std::max<int64_t>(fit, 0)));
   for_runs(cold, [&](int64_t off, uint8_t* p, int64_t bytes, int64_t first, int64_t count) {

@@ -199,8 +199,9 @@ class _PagedMixin:
             for k, w in enumerate(windows):
                 views = [t for s in w for t in s.state]
                 pool.acquire(views)
-                for ahead in windows[k + 1:k + 1 + PREFETCH_WINDOWS]:
-                    pool.prefetch([t for s in ahead for t in s.state])
+                ahead = [t for w2 in windows[k + 1:k + 1 + PREFETCH_WINDOWS] for s in w2 for t in s.state]
+                if ahead:
+                    pool.prefetch(ahead)
                 self._run(w, hyper)
                 if k + 1 < len(windows):  # the last window stays resident: the next step starts with it
                     pool.release(views)
