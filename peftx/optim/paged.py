@@ -8,7 +8,7 @@ advised back to host memory. ``resident_bytes=None`` sets no budget (the pages m
 operating system's or the driver's memory pressure).
 
 A step with a budget walks the state in windows of a sixth of the budget: each window's pages are
-made resident (evicting the least recently used), the next two windows' are prefetched
+made resident (evicting the least recently used), the next three windows' are prefetched
 asynchronously, the window is updated by one fused call, and its pages start writing back while the
 next windows are updated. Successive steps walk
 the windows in alternating order, so the pages still resident from one step are the first used by
@@ -133,8 +133,9 @@ class _PagedMixin:
         return {f.name: pool.alloc(max(f.nbytes, 1))[:f.nbytes].view(f.dtype).view(f.shape) for f in fields(p, eight_bit)}
 
     def _window_pages(self) -> int:
-        """Pages per window: a sixth of the budget, so that while one window is updated the next two
-        are read ahead and the ones before it are still being written, all within the budget."""
+        """Pages per window: a sixth of the budget, so that while one window is updated the next
+        PREFETCH_WINDOWS are read ahead and the ones before it are still being written, all within the
+        budget."""
         return max(4, self.resident_bytes // self.page_bytes // WINDOWS_PER_BUDGET)
 
     def _max_chunk(self, eight_bit: bool) -> int:
