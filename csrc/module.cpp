@@ -11,6 +11,7 @@
 #include "nf4/cpu/isa.h"
 #include "nf4/cpu/plan.h"
 #include "nf4/nf4_math.h"
+#include "optim/dynamic_map.h"
 
 namespace {
 
@@ -69,4 +70,6 @@ PYBIND11_MODULE(_C, m) {
         "The NF4 encoder's decision boundaries (15 fp32).");
   m.def("dynamic_code", [] { return table(peftx::nf4::kDynamicCode); },
         "bitsandbytes' signed 8-bit dynamic map (256 fp32), the double-quant code book.");
+  m.def("unsigned_dynamic_code", [] { return table(peftx::optim::kUnsignedDynamicCode); },
+        "bitsandbytes' unsigned 8-bit dynamic map (256 fp32): the 8-bit Adam second-moment code book.");
 }

@@ -44,6 +44,21 @@ TORCH_LIBRARY(peftx, m) {
   m.def(
       "lora_multi_fwd(Tensor x, Tensor base_out, Tensor lora_A, Tensor lora_B, Tensor scalings, Tensor "
       "adapter_ids) -> Tensor");
+
+  // Fused AdamW steps (csrc/optim/), one call for many tensors: params[i] (fp32/fp16/bf16) and its
+  // state are updated in place; steps[i] is the step count of this update: incremented first when
+  // increment_steps (once per distinct tensor), else already incremented by the caller.
+  // The math: csrc/optim/adamw_math.h. fp32 state:
+  m.def(
+      "adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize, "
+      "bool increment_steps=False) -> ()");
+  // 8-bit state: uint8 codes of the signed (m) / unsigned (v) dynamic map, fp32 absmax per 256.
+  m.def(
+      "adamw8bit_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg_codes, Tensor(c!)[] "
+      "exp_avg_absmax, Tensor(d!)[] exp_avg_sq_codes, Tensor(e!)[] exp_avg_sq_absmax, Tensor(f!)[] steps, float "
+      "lr, float beta1, float beta2, float eps, float weight_decay, bool maximize, bool increment_steps=False) -> ()");
+  // The page pool of the paged optimizers is a custom class: csrc/optim/page_pool_reg.cpp.
 }
 
 // Test-only: the CUDA kernels' per-thread functions run over their whole emulated grid on the CPU
@@ -68,4 +83,13 @@ TORCH_LIBRARY(peftx_emulate, m) {
   m.def(
       "lora_multi_kernel(Tensor x, Tensor base_out, Tensor lora_A, Tensor lora_B, Tensor scalings, Tensor "
       "adapter_ids) -> Tensor");
+
+  m.def(
+      "adamw_step_kernel(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] "
+      "exp_avg_sqs, Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool "
+      "maximize, bool increment_steps=False) -> ()");
+  m.def(
+      "adamw8bit_step_kernel(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg_codes, Tensor(c!)[] "
+      "exp_avg_absmax, Tensor(d!)[] exp_avg_sq_codes, Tensor(e!)[] exp_avg_sq_absmax, Tensor(f!)[] steps, float "
+      "lr, float beta1, float beta2, float eps, float weight_decay, bool maximize, bool increment_steps=False) -> ()");
 }

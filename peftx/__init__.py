@@ -1,6 +1,7 @@
 """peftx: parameter-efficient fine-tuning for PyTorch on fused C++/CUDA kernels."""
 
 from peftx import _native  # noqa: F401  (loads peftx._C: registers the torch ops)
+from peftx import optim
 from peftx.quant.linear4bit import Linear4bit
 from peftx.quant.matmul import nf4_matmul, nf4_matmul_t, nf4_quantize
 from peftx.quant.nf4_weight import NF4Weight
@@ -25,5 +26,5 @@ __all__ = [
     "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "TaskType",
     "get_peft_model", "nf4_matmul", "nf4_matmul_t", "nf4_quantize", "prepare_model_for_kbit_training",
-    "quantize_model",
+    "optim", "quantize_model",
 ]

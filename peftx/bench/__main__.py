@@ -13,9 +13,9 @@ import sys
 import torch
 from tqdm import tqdm
 
-from peftx.bench import lora_suite, machine, nf4_suite
+from peftx.bench import lora_suite, machine, nf4_suite, optim_suite
 
-SUITES = {"nf4": (nf4_suite, nf4_suite.STEPS), "lora": (lora_suite, 17)}
+SUITES = {"nf4": (nf4_suite, nf4_suite.STEPS), "lora": (lora_suite, 17), "optim": (optim_suite, 3)}
 
 
 def _table(rows: list[dict], dram_GBps: float | None = None) -> str:
@@ -33,6 +33,7 @@ def _table(rows: list[dict], dram_GBps: float | None = None) -> str:
                          f"{r['median_ms']:>11.3f}{r['p10_ms']:>8.3f}-{r['p90_ms']:<8.3f}{ratio:>8.2f}x{extra}")
         note = f", dropout {row['dropout']}" if row.get("dropout") else ""
         lines.append(f"{'':<27}(ratio = time / {row['anchor']}{note})")
+        lines.extend(f"{'':<27}{note}" for note in row.get("notes", []))
     return "\n".join(lines)
 
 
