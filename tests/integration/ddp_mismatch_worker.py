@@ -1,6 +1,7 @@
 """Run by test_ddp.py under torchrun (2 processes): rank 1 builds an adapter that differs from rank 0's
 in one way per case; peftx.distributed.check_consistent must raise the same clear error on both ranks."""
 
+import os
 import sys
 
 import torch
@@ -27,25 +28,28 @@ def build(case: str, rank: int):
     return peftx.get_peft_model(model, peftx.LoraConfig(**kw))
 
 
-def main() -> int:
+def main(out_dir: str) -> int:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     failures = 0
+    lines = []
     try:
         digest = check_consistent(build("rank", 0))  # the same model everywhere passes
-        print(f"rank {rank} consistent {digest[:12]}", flush=True)
+        lines.append(f"rank {rank} consistent {digest[:12]}")
         for case in CASES:
             try:
                 check_consistent(build(case, rank))
             except ValueError as e:
-                print(f"rank {rank} case {case} raised: {e}", flush=True)
+                lines.append(f"rank {rank} case {case} raised: {e}")
             else:
-                print(f"rank {rank} case {case} did NOT raise", flush=True)
+                lines.append(f"rank {rank} case {case} did NOT raise")
                 failures += 1
     finally:
         dist.destroy_process_group()
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:  # one file per rank: no interleaving
+            f.write("\n".join(lines) + "\n")
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1]))
