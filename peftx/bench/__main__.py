@@ -13,9 +13,9 @@ import sys
 import torch
 from tqdm import tqdm
 
-from peftx.bench import lora_suite, machine, nf4_suite
+from peftx.bench import e2e_suite, lora_suite, machine, nf4_suite
 
-SUITES = {"nf4": (nf4_suite, 10), "lora": (lora_suite, 17)}
+SUITES = {"nf4": (nf4_suite, 10), "lora": (lora_suite, 17), "e2e": (e2e_suite, 4)}
 
 
 def _table(rows: list[dict]) -> str:
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         with tqdm(total=steps, desc=f"suite {name}", file=sys.stderr) as bar:
             rows = module.run(quick=not args.full, progress=bar.update)
         out["suites"][name] = rows
-        print(f"\n== {name} ==\n" + _table(rows), flush=True)
+        print(f"\n== {name} ==\n" + getattr(module, "table", _table)(rows), flush=True)
     if args.json:
         from peftx.bench.io import write_json_atomic
         write_json_atomic(args.json, out)
