@@ -111,6 +111,8 @@ def finetune(method: str, train, held_out, args) -> dict:
     rng = random.Random(args.seed)
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     total_steps = args.epochs * steps_per_epoch if args.max_steps is None else args.max_steps
+    # Linear decay to zero: short runs end as settled as long ones.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / total_steps)
     torch.manual_seed(args.seed)  # LoRA dropout
     step = 0
     with tqdm(total=total_steps, desc=f"{method} fine-tuning", unit="step", disable=args.no_progress) as bar:
@@ -121,6 +123,7 @@ def finetune(method: str, train, held_out, args) -> dict:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                sched.step()
                 step += 1
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 bar.update()
@@ -139,7 +142,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, decayed linearly to 0")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="save the adapters here (one sub-folder per method)")

@@ -43,8 +43,13 @@ KEYS = {"peftx QLoRA": "peftx-qlora", "HF PEFT + bnb 4bit": "hf-bnb", "peftx LoR
 
 # --- the child process: one variant -----------------------------------------------------------------
 
-def llama_config():
+def llama_config(tiny: bool = False):
+    """The benchmark's Llama; ``tiny``: the same architecture scaled down, for tests of this suite."""
     import transformers
+    if tiny:
+        return transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=4, vocab_size=1024,
+                                        max_position_embeddings=SEQ)
     return transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                                     num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
                                     max_position_embeddings=SEQ)
@@ -65,10 +70,10 @@ def _bnb_quantize(model):
     return model
 
 
-def build(key: str):
+def build(key: str, tiny: bool = False):
     import transformers
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM._from_config(llama_config(), dtype=torch.bfloat16)
+    model = transformers.LlamaForCausalLM._from_config(llama_config(tiny), dtype=torch.bfloat16)
     if key in ("peftx-qlora", "peftx-lora"):
         import peftx
         if key == "peftx-qlora":
@@ -117,13 +122,14 @@ def peftx_op_seconds(prof) -> float:
     return total
 
 
-def measure(key: str, steps: int, warmup: int, profile: bool) -> dict:
+def measure(key: str, steps: int, warmup: int, profile: bool, tiny: bool = False) -> dict:
     t0 = time.perf_counter()
-    model = build(key).train()
+    model = build(key, tiny).train()
     build_s = time.perf_counter() - t0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, 32000, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    vocab = model.get_base_model().config.vocab_size
+    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
 
     def step():
         loss = model(input_ids=ids, labels=ids).loss
@@ -164,20 +170,21 @@ def _child_main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="a scaled-down Llama (tests)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     import logging
     logging.disable(logging.WARNING)  # bitsandbytes' notes about optional kernels; the JSON line is the output
-    print(json.dumps(measure(args.variant, args.steps, args.warmup, args.profile)), flush=True)
+    print(json.dumps(measure(args.variant, args.steps, args.warmup, args.profile, args.tiny)), flush=True)
     return 0
 
 
 # --- the parent: python -m peftx.bench e2e -------------------------------------------------------------
 
-def _run_child(key: str, steps: int, warmup: int) -> dict:
+def _run_child(key: str, steps: int, warmup: int, tiny: bool = False) -> dict:
     cmd = [sys.executable, "-m", "peftx.bench.e2e_suite", "--variant", key, "--steps", str(steps),
-           "--warmup", str(warmup), "--threads", str(torch.get_num_threads())]
+           "--warmup", str(warmup), "--threads", str(torch.get_num_threads())] + (["--tiny"] if tiny else [])
     if key.startswith("peftx"):
         cmd.append("--profile")
     res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
@@ -186,16 +193,21 @@ def _run_child(key: str, steps: int, warmup: int) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool, progress) -> list[dict]:
+def run(quick: bool, progress, tiny: bool = False) -> list[dict]:
     steps, warmup = (3, 1) if quick else (10, 2)
     measured = {}
     for name, key in KEYS.items():
-        measured[name] = _run_child(key, steps, warmup)
+        measured[name] = _run_child(key, steps, warmup, tiny)
         progress()
+    return rows_from(measured)
+
+
+def rows_from(measured: dict[str, dict]) -> list[dict]:
+    """One row per variant with its ratios to its anchor."""
     rows = []
     for name, anchor in VARIANTS.items():
         r, a = measured[name], measured[anchor]
-        rows.append({"variant": name, "anchor": anchor, **r,
+        rows.append({**r, "variant": name, "anchor": anchor,
                      "x_tokens_per_s": r["tokens_per_s"] / a["tokens_per_s"],
                      "x_peak": r["peak_MiB"] / a["peak_MiB"]})
     return rows

@@ -40,9 +40,10 @@ def test_short_finetune_learns_with_lora_and_qlora(tmp_path, capsys):
     assert "held-out accuracy" in printed
     for r in results:
         assert r["steps"] == 12
-        # Before: a random head over the pretrained encoder; after 12 steps (1.2 epochs) it has learned.
-        assert r["after"]["loss"] < r["before"]["loss"] - 0.1, r
-        assert r["after"]["accuracy"] >= 0.75 and r["after"]["accuracy"] > r["before"]["accuracy"], r
+        # Before: a random head over the pretrained encoder (~55%); after 12 steps (1.2 epochs, the learning
+        # rate decayed to 0) it tells most held-out sentences apart (82.5% and 87.5% here).
+        assert r["after"]["loss"] < r["before"]["loss"], r
+        assert r["after"]["accuracy"] >= 0.75 and r["after"]["accuracy"] >= r["before"]["accuracy"] + 0.15, r
         assert (tmp_path / r["method"] / "adapter_model.safetensors").exists()
         assert f"{r['method']:<8}{12:>6}" in printed
 
