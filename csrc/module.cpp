@@ -8,6 +8,8 @@
 #include <vector>
 
 #include "lora/dropout_cpu.h"
+#include "nf4/cpu/isa.h"
+#include "nf4/cpu/plan.h"
 #include "nf4/nf4_math.h"
 
 namespace {
@@ -49,6 +51,19 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_features", &cpu_features, "Instruction set extensions of this CPU.");
   m.def("lora_dropout_isa", [] { return std::string(peftx::lora::dropout_isa()); },
         "Instruction set of the CPU LoRA dropout-mask generator (PEFTX_CPU_ISA=scalar forces scalar).");
+  m.def("cpu_isa", [] { return std::string(peftx::nf4::cpu::isa_name(peftx::nf4::cpu::active_isa())); },
+        "The CPU kernel table the NF4 ops run now (PEFTX_CPU_ISA=avx512|avx2|scalar|auto forces one).");
+  m.def("cpu_isas", &peftx::nf4::cpu::supported_isas, "The CPU kernel tables this CPU supports, best first.");
+  m.def("cpu_bf16_gemv", &peftx::nf4::cpu::cpu_has_avx512bf16,
+        "Whether the AVX-512 table runs bf16 activations on the bf16 dot-product kernel.");
+  m.def("nf4_gemm_tile_rows", &peftx::nf4::cpu::gemm_tile_rows,
+        "Rows of W per decoded tile of nf4_matmul's GEMM path (rows, cols, element bytes).");
+  m.def("nf4_gemm_tile_cols", &peftx::nf4::cpu::gemm_tile_cols,
+        "Columns of W per decoded tile of nf4_matmul_t's GEMM path (rows, cols, element bytes).");
+  m.def("nf4_gemv_max_tokens", [] { return peftx::nf4::cpu::kGemvMaxTokens; },
+        "Tokens up to which nf4_matmul / nf4_matmul_t run the GEMV kernels on the CPU.");
+  m.def("nf4_tile_bytes", [] { return peftx::nf4::cpu::kTileBytes; },
+        "Byte budget of one decoded tile of the CPU GEMM paths.");
   m.def("nf4_code", [] { return table(peftx::nf4::kCode); }, "The NF4 code book (16 fp32).");
   m.def("nf4_midpoints", [] { return table(peftx::nf4::kMidpoints); },
         "The NF4 encoder's decision boundaries (15 fp32).");

@@ -12,13 +12,19 @@ from peftx import _native
 
 NF4_OPS = ["nf4_quantize", "nf4_dequantize", "nf4_double_quantize", "nf4_double_dequantize", "nf4_matmul",
            "nf4_matmul_t"]
-CUDA_KERNELS = ["nf4_quantize_kernel", "nf4_dequantize_kernel", "nf4_double_quantize_kernel",
-                "nf4_double_dequantize_kernel", "nf4_gemv_kernel", "nf4_gemv_t_kernel"]
+LORA_OPS = ["lora_linear_fwd", "lora_linear_bwd", "lora_multi_fwd"]
+DEVICE_OPS = NF4_OPS + LORA_OPS
+CUDA_KERNELS = ["peftx::nf4::" + k for k in ("nf4_quantize_kernel", "nf4_dequantize_kernel",
+                                             "nf4_double_quantize_kernel", "nf4_double_dequantize_kernel",
+                                             "nf4_gemv_kernel", "nf4_gemv_t_kernel")] + \
+               ["peftx::lora::(anonymous namespace)::" + k for k in ("lora_dropout_kernel", "lora_dropout_axpy_kernel",
+                                                                     "lora_multi_shrink_kernel",
+                                                                     "lora_multi_expand_kernel")]
 TORCH_IS_CUDA_BUILD = torch.version.cuda is not None
 REQUIRE_CUDA = os.environ.get("PEFTX_REQUIRE_CUDA_BUILD") == "1"
 
 
-@pytest.mark.parametrize("op", NF4_OPS)
+@pytest.mark.parametrize("op", DEVICE_OPS)
 def test_cpu_kernels_registered(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"peftx::{op}", "CPU")
 
@@ -31,7 +37,7 @@ def test_cuda_built_when_required():
 
 
 @pytest.mark.skipif(not _native.cuda_built(), reason="this build has no CUDA kernels (CPU-only torch or no toolkit)")
-@pytest.mark.parametrize("op", NF4_OPS)
+@pytest.mark.parametrize("op", DEVICE_OPS)
 def test_cuda_kernels_registered(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"peftx::{op}", "CUDA")
 
@@ -41,7 +47,7 @@ def test_cuda_kernel_symbols_and_archs_in_library():
     lib = _native._C.__file__
     nm = subprocess.run(["nm", "-C", lib], capture_output=True, text=True, check=True).stdout
     for k in CUDA_KERNELS:
-        assert f"peftx::nf4::{k}" in nm, f"{k} missing from {lib}"
+        assert k in nm, f"{k} missing from {lib}"
     cuobjdump = shutil.which("cuobjdump") or "/usr/local/cuda/bin/cuobjdump"
     if os.path.exists(cuobjdump):
         elf = subprocess.run([cuobjdump, "--list-elf", lib], capture_output=True, text=True).stdout

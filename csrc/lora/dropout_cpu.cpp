@@ -3,8 +3,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
+
+#include "common/cpu_isa.h"
 
 // GCC 12 reports its own _mm512_set1_epi32 (built on _mm512_undefined_epi32) as "maybe
 // uninitialized" once inlined here; the intrinsic fully defines its result.
@@ -87,23 +87,12 @@ PEFTX_AVX512 void keep_bytes_avx512(const Dropout& d, uint64_t e0, int64_t n, ui
   }
 }
 
-bool has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("bmi2");
-  return ok;
-}
-
-bool forced_scalar() {
-  const char* isa = std::getenv("PEFTX_CPU_ISA");
-  return isa != nullptr && (std::strcmp(isa, "scalar") == 0 || std::strcmp(isa, "avx2") == 0);
-}
-
 }  // namespace
 
-const char* dropout_isa() { return has_avx512() && !forced_scalar() ? "avx512" : "scalar"; }
+const char* dropout_isa() { return cpu_isa() == CpuIsa::avx512 ? "avx512" : "scalar"; }
 
 void dropout_keep_bytes(const Dropout& d, uint64_t e0, int64_t n, uint8_t* keep) {
-  if (has_avx512() && !forced_scalar()) {
+  if (cpu_isa() == CpuIsa::avx512) {
     keep_bytes_avx512(d, e0, n, keep);
   } else {
     keep_bytes_scalar(d, e0, n, keep);

@@ -1,5 +1,6 @@
 // The LoRA dropout mask on the CPU as bytes (1 = kept), generated 64 elements at a time with
-// AVX-512 Philox where the CPU has it (avx512f + avx512bw + bmi2), one element at a time otherwise.
+// AVX-512 Philox where cpu_isa() allows it, one element at a time otherwise (AVX2 has no cheap
+// 64-bit mask spread, so it takes the scalar path).
 // Both paths compute exactly the mask of lora_math.h's dropout_keep.
 #pragma once
 
@@ -13,8 +14,7 @@ namespace lora {
 // keep[i] = dropout_keep(d.seed, d.threshold, e0 + i) for i in [0, n).
 void dropout_keep_bytes(const Dropout& d, uint64_t e0, int64_t n, uint8_t* keep);
 
-// The instruction set dropout_keep_bytes uses: "avx512" or "scalar". PEFTX_CPU_ISA=scalar (read
-// at each call) forces the scalar path, for tests and comparisons.
+// The instruction set dropout_keep_bytes uses now: "avx512" or "scalar" (see common/cpu_isa.h).
 const char* dropout_isa();
 
 }  // namespace lora

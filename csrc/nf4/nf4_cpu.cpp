@@ -1,6 +1,7 @@
-// CPU kernels of the NF4 ops. The per-block / per-byte work is the shared code in nf4_math.h (the
-// same functions the CUDA kernels run per thread); the matrix products decode W a few rows at a
-// time and never hold the whole dequantized weight.
+// CPU kernels of the NF4 ops: argument checks, allocation, threading (at::parallel_for, so
+// torch.set_num_threads is obeyed) and the GEMV / tiled-GEMM split of the products. The loops
+// themselves are the kernel table of the CPU's instruction set (cpu/isa.h: AVX-512, AVX2 or
+// scalar, PEFTX_CPU_ISA forces one), each reproducing nf4_math.h's per-element definitions.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -9,6 +10,9 @@
 #include <vector>
 
 #include "common/dispatch.h"
+#include "common/huge_pages.h"
+#include "nf4/cpu/isa.h"
+#include "nf4/cpu/plan.h"
 #include "nf4/nf4_checks.h"
 #include "nf4/nf4_math.h"
 
@@ -21,17 +25,21 @@ constexpr const char* kDequantize = "nf4_dequantize";
 constexpr const char* kMatmul = "nf4_matmul";
 constexpr const char* kMatmulT = "nf4_matmul_t";
 
-// Rows (of x or g) up to which the products decode W row by row into registers-sized buffers and
-// dot directly; beyond it they decode row tiles and call torch's own GEMM.
-constexpr int64_t kGemvMaxRows = 8;
-// Elements of W decoded per tile in the GEMM path (1 Mi: 2-4 MiB, far below a quarter of any
-// weight large enough for the tile to be smaller than the weight).
-constexpr int64_t kTileElements = int64_t(1) << 20;
-
 void check_finite_absmax(const char* op, const at::Tensor& absmax) {
   TORCH_CHECK(at::isfinite(absmax).all().item<bool>(), op,
               ": weight contains NaN or inf (block ", at::logical_not(at::isfinite(absmax)).nonzero()[0].item<int64_t>(),
               "); NF4 cannot represent them");
+}
+
+cpu::Dt to_dt(at::ScalarType t) {
+  return t == at::kFloat ? cpu::Dt::kF32 : t == at::kBFloat16 ? cpu::Dt::kBF16 : cpu::Dt::kF16;
+}
+
+// Elements per parallel task: enough work to amortise a task, small enough to balance threads.
+constexpr int64_t kGrainElements = 1 << 15;
+
+int64_t grain(int64_t elements_per_item) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(elements_per_item, 1));
 }
 
 }  // namespace
@@ -46,12 +54,11 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& weight, in
   at::Tensor absmax = at::empty({blocks}, w.options().dtype(at::kFloat));
   uint8_t* p = packed.data_ptr<uint8_t>();
   float* a = absmax.data_ptr<float>();
-  dispatch_float(w.scalar_type(), kQuantize, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    const T* src = reinterpret_cast<const T*>(w.const_data_ptr());
-    at::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / blocksize), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) quantize_block(b, src, n, blocksize, p, a);
-    });
+  const cpu::Kernels& kt = cpu::active_kernels();
+  const cpu::Dt dt = to_dt(w.scalar_type());
+  const void* src = w.const_data_ptr();
+  at::parallel_for(0, blocks, grain(blocksize), [&](int64_t b0, int64_t b1) {
+    kt.quantize_blocks(dt, src, n, blocksize, b0, b1, p, a);
   });
   if (n > 0) check_finite_absmax(kQuantize, absmax);
   return {packed, absmax};
@@ -68,16 +75,17 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
   check_state(kDequantize, packed, absmax, code, blocksize, n);
   const at::Tensor pk = packed.contiguous(), am = absmax.contiguous(), cd = code.contiguous();
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
-  const int64_t bytes = (n + 1) / 2;
-  dispatch_float(dtype, kDequantize, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    T* dst = reinterpret_cast<T*>(out.data_ptr());
-    const uint8_t* p = pk.const_data_ptr<uint8_t>();
-    const float* a = am.const_data_ptr<float>();
-    const float* c = cd.const_data_ptr<float>();
-    at::parallel_for(0, bytes, 8192, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) dequantize_byte(i, p, a, c, blocksize, n, dst);
-    });
+  PEFTX_CHECK_DTYPE_FLOAT(kDequantize, "dtype", out);
+  const cpu::Kernels& kt = cpu::active_kernels();
+  const cpu::Weight4 wv{pk.const_data_ptr<uint8_t>(), am.const_data_ptr<float>(), cd.const_data_ptr<float>(),
+                        blocksize, 1, n};
+  const cpu::Dt dt = to_dt(dtype);
+  char* dst = static_cast<char*>(out.data_ptr());
+  const int64_t esize = out.element_size();
+  advise_huge_pages(dst, static_cast<size_t>(n * esize));
+  // Tasks own whole bytes (pairs of elements); decode takes any range.
+  at::parallel_for(0, (n + 1) / 2, grain(2), [&](int64_t i0, int64_t i1) {
+    kt.decode(wv, 2 * i0, std::min(n, 2 * i1), dt, dst + 2 * i0 * esize);
   });
   return out;
 }
@@ -99,8 +107,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cpu(const at:
   const float* c = cd.const_data_ptr<float>();
   uint8_t* qp = q.data_ptr<uint8_t>();
   float* np = nested.data_ptr<float>();
-  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) quantize8_block(b, x, n, blocksize, c, qp, np);
+  const cpu::Kernels& kt = cpu::active_kernels();
+  at::parallel_for(0, blocks, grain(blocksize * 16), [&](int64_t b0, int64_t b1) {
+    kt.double_quantize_blocks(x, n, blocksize, c, b0, b1, qp, np);
   });
   return {q, nested, offset};
 }
@@ -117,49 +126,69 @@ at::Tensor nf4_double_dequantize_cpu(const at::Tensor& qabsmax, const at::Tensor
   const float* np = na.const_data_ptr<float>();
   const float* c = cd.const_data_ptr<float>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) o[i] = decode_absmax(i, qp, np, c, blocksize, off);
+  const cpu::Kernels& kt = cpu::active_kernels();
+  at::parallel_for(0, n, grain(1), [&](int64_t i0, int64_t i1) {
+    kt.double_dequantize(qp, np, c, blocksize, off, i0, i1, o);
   });
   return out;
 }
 
 namespace {
 
-// Decodes W[row, k0:k1] into fp32 dst. Walks block by block so the scale is read once per block.
-void decode_row_range(int64_t row, int64_t k0, int64_t k1, int64_t cols, const uint8_t* packed,
-                      const float* absmax, const float* code, int64_t blocksize, float* dst) {
-  int64_t j = row * cols + k0;
-  const int64_t end = row * cols + k1;
-  while (j < end) {
-    const int64_t block_end = std::min(end, (j / blocksize + 1) * blocksize);
-    const float scale = absmax[j / blocksize];
-    for (; j < block_end; ++j) {
-      const uint8_t byte = packed[j >> 1];
-      *dst++ = code[(j & 1) ? (byte & 0x0f) : (byte >> 4)] * scale;
-    }
-  }
+cpu::Weight4 weight_view(const at::Tensor& pk, const at::Tensor& am, const at::Tensor& cd, int64_t blocksize,
+                         int64_t rows, int64_t cols) {
+  return {pk.const_data_ptr<uint8_t>(), am.const_data_ptr<float>(), cd.const_data_ptr<float>(), blocksize, rows, cols};
 }
 
-// Decodes rows [r0, r1) of W into `tile` ([r1 - r0, cols], dtype of tile).
-void decode_rows(int64_t r0, int64_t r1, int64_t cols, const uint8_t* packed, const float* absmax,
-                 const float* code, int64_t blocksize, at::Tensor& tile) {
-  dispatch_float(tile.scalar_type(), "nf4 decode", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    T* dst = reinterpret_cast<T*>(tile.data_ptr());
-    at::parallel_for(r0, r1, 1, [&](int64_t a, int64_t b) {
-      std::vector<float> row(cols);
-      for (int64_t r = a; r < b; ++r) {
-        decode_row_range(r, 0, cols, cols, packed, absmax, code, blocksize, row.data());
-        T* out = dst + (r - r0) * cols;
-        for (int64_t k = 0; k < cols; ++k) store(out + k, row[k]);
-      }
-    });
+template <typename T>
+void store_row_results(const float* res, int64_t tokens, int64_t o, const float* bias, T* y, int64_t ldy) {
+  for (int64_t m = 0; m < tokens; ++m) store(y + m * ldy + o, bias ? add_rn(res[m], bias[o]) : res[m]);
+}
+
+// y = x W^T (+ bias) for few tokens: x converted once, W decoded in registers row by row, rows
+// split over threads. Shapes the fused kernels do not take (cols % 32 != 0) decode each row into
+// a cols-long fp32 buffer and dot it with every token.
+void gemv(const cpu::Kernels& kt, const cpu::Weight4& w, const at::Tensor& x2, const at::Tensor& bias_f,
+          at::Tensor& out) {
+  const int64_t M = x2.size(0), N = w.rows, K = w.cols;
+  const float* bias = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
+  const cpu::Dt out_dt = to_dt(out.scalar_type());
+  void* y = out.data_ptr();
+  const bool bf16 = x2.scalar_type() == at::kBFloat16 && kt.gemv_rows_bf16 != nullptr;
+  const cpu::GemvRowsFn rows_fn = bf16 ? kt.gemv_rows_bf16 : kt.gemv_rows_f32;
+  if (rows_fn != nullptr && K % 32 == 0) {
+    const int64_t chunk = bf16 ? kt.gemv_chunk_bf16 : kt.gemv_chunk_f32;
+    const int64_t stride = cpu::gemv_x_stride(K, chunk);
+    at::Tensor xp = at::empty({M * stride}, x2.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+    cpu::gemv_pack_x(x2.const_data_ptr(), to_dt(x2.scalar_type()), M, K, K, chunk, bf16, xp.data_ptr());
+    const cpu::GemvX xv{xp.const_data_ptr(), M, stride, bf16};
+    at::parallel_for(0, N, grain(K), [&](int64_t o0, int64_t o1) { rows_fn(w, xv, o0, o1, bias, out_dt, y, N); });
+    return;
+  }
+  const at::Tensor xf = x2.to(at::kFloat).contiguous();
+  const float* xp = xf.const_data_ptr<float>();
+  at::parallel_for(0, N, grain(K), [&](int64_t o0, int64_t o1) {
+    std::vector<float> row(K), res(M);
+    for (int64_t o = o0; o < o1; ++o) {
+      kt.decode(w, o * K, o * K + K, cpu::Dt::kF32, row.data());
+      for (int64_t m = 0; m < M; ++m) res[m] = kt.dot(xp + m * K, row.data(), K);
+      dispatch_float(out.scalar_type(), kMatmul, [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        store_row_results(res.data(), M, o, bias, static_cast<T*>(y), N);
+      });
+    }
   });
 }
 
-int64_t tile_rows(int64_t rows, int64_t cols) {
-  const int64_t t = std::max<int64_t>(16, kTileElements / std::max<int64_t>(cols, 1));
-  return std::min(rows, t);
+// Decodes rows [r0, r1) of W, columns [k0, k1), into tile rows 0.. (row stride ld), in dt.
+void decode_tile(const cpu::Kernels& kt, const cpu::Weight4& w, int64_t r0, int64_t r1, int64_t k0, int64_t k1,
+                 at::Tensor& tile, int64_t ld) {
+  const cpu::Dt dt = to_dt(tile.scalar_type());
+  char* base = static_cast<char*>(tile.data_ptr());
+  const int64_t esize = tile.element_size();
+  at::parallel_for(r0, r1, grain(k1 - k0), [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) kt.decode(w, r * w.cols + k0, r * w.cols + k1, dt, base + (r - r0) * ld * esize);
+  });
 }
 
 }  // namespace
@@ -174,42 +203,28 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   check_bias(kMatmul, bias, out_features, x);
   const int64_t M = x2.size(0), N = out_features, K = in_features;
   const at::Tensor pk = packed.contiguous(), am = absmax.contiguous(), cd = code.contiguous();
-  const uint8_t* p = pk.const_data_ptr<uint8_t>();
-  const float* a = am.const_data_ptr<float>();
-  const float* c = cd.const_data_ptr<float>();
+  const cpu::Weight4 w = weight_view(pk, am, cd, blocksize, N, K);
+  const cpu::Kernels& kt = cpu::active_kernels();
   at::Tensor out = at::empty({M, N}, x2.options());
-  if (M == 0 || N == 0) {
+  if (M == 0 || N == 0 || K == 0) {
     out.zero_();
-  } else if (M <= kGemvMaxRows || K == 0) {
-    // y[m, o] = sum_k x[m, k] W[o, k]: x converted to fp32 once, each W row decoded once.
-    const at::Tensor xf = x2.to(at::kFloat);
-    const float* xp = xf.const_data_ptr<float>();
-    at::Tensor acc = at::empty({M, N}, x2.options().dtype(at::kFloat));
-    float* yp = acc.data_ptr<float>();
-    at::parallel_for(0, N, 16, [&](int64_t o0, int64_t o1) {
-      std::vector<float> row(K);
-      for (int64_t o = o0; o < o1; ++o) {
-        decode_row_range(o, 0, K, K, p, a, c, blocksize, row.data());
-        for (int64_t m = 0; m < M; ++m) {
-          const float* xr = xp + m * K;
-          float s = 0.0f;
-          for (int64_t k = 0; k < K; ++k) s += xr[k] * row[k];
-          yp[m * N + o] = s;
-        }
-      }
-    });
-    out.copy_(acc);
+    if (bias.has_value() && M > 0) out.add_(bias->to(out.scalar_type()));
+  } else if (M <= cpu::kGemvMaxTokens) {
+    const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    gemv(kt, w, x2, bias_f, out);
   } else {
-    const int64_t tr = tile_rows(N, K);
+    // y[:, r0:r1] = x @ tile^T with the tile decoded in x's dtype (what dequantize returns), one
+    // BLAS call per tile writing straight into the output's column slice.
+    const int64_t tr = cpu::gemm_tile_rows(N, K, x2.element_size());
     at::Tensor tile = at::empty({tr, K}, x2.options());
     for (int64_t r0 = 0; r0 < N; r0 += tr) {
       const int64_t r1 = std::min(N, r0 + tr);
-      at::Tensor t = tile.narrow(0, 0, r1 - r0);
-      decode_rows(r0, r1, K, p, a, c, blocksize, t);
-      out.narrow(1, r0, r1 - r0).copy_(at::mm(x2, t.t()));
+      decode_tile(kt, w, r0, r1, 0, K, tile, K);
+      at::Tensor slice = out.narrow(1, r0, r1 - r0);
+      at::mm_out(slice, x2, tile.narrow(0, 0, r1 - r0).t());
     }
+    if (bias.has_value()) out.add_(bias->to(out.scalar_type()));
   }
-  if (bias.has_value()) out.add_(bias->to(out.scalar_type()));
   return out.reshape(leading_shape(x, N));
 }
 
@@ -221,39 +236,60 @@ at::Tensor nf4_matmul_t_cpu(const at::Tensor& grad, const at::Tensor& packed, co
   check_state(kMatmulT, packed, absmax, code, blocksize, out_features * in_features);
   const int64_t M = g2.size(0), N = out_features, K = in_features;
   const at::Tensor pk = packed.contiguous(), am = absmax.contiguous(), cd = code.contiguous();
-  const uint8_t* p = pk.const_data_ptr<uint8_t>();
-  const float* a = am.const_data_ptr<float>();
-  const float* c = cd.const_data_ptr<float>();
-  at::Tensor acc = at::zeros({M, K}, g2.options().dtype(at::kFloat));
-  if (M > 0 && N > 0 && K > 0) {
-    if (M <= kGemvMaxRows) {
-      // dx[m, k0:k1] = sum_o g[m, o] W[o, k0:k1]: each thread owns a column range of dx.
-      const at::Tensor gf = g2.to(at::kFloat);
-      const float* gp = gf.const_data_ptr<float>();
-      float* dp = acc.data_ptr<float>();
-      at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
-        std::vector<float> row(k1 - k0);
-        for (int64_t o = 0; o < N; ++o) {
-          decode_row_range(o, k0, k1, K, p, a, c, blocksize, row.data());
-          for (int64_t m = 0; m < M; ++m) {
-            const float gv = gp[m * N + o];
-            float* d = dp + m * K + k0;
-            for (int64_t k = 0; k < k1 - k0; ++k) d[k] += gv * row[k];
-          }
-        }
-      });
-    } else {
-      const int64_t tr = tile_rows(N, K);
-      at::Tensor tile = at::empty({tr, K}, g2.options());
-      for (int64_t r0 = 0; r0 < N; r0 += tr) {
-        const int64_t r1 = std::min(N, r0 + tr);
-        at::Tensor t = tile.narrow(0, 0, r1 - r0);
-        decode_rows(r0, r1, K, p, a, c, blocksize, t);
-        acc.add_(at::mm(g2.narrow(1, r0, r1 - r0), t));
-      }
-    }
+  const cpu::Weight4 w = weight_view(pk, am, cd, blocksize, N, K);
+  const cpu::Kernels& kt = cpu::active_kernels();
+  if (M == 0 || N == 0 || K == 0) return at::zeros(leading_shape(grad, K), grad.options());
+  if (M <= cpu::kGemvTMaxTokens && kt.gemv_t_rows != nullptr && K % 32 == 0) {
+    // dx = g W: rows split over tasks, each accumulating a private dx (fp32, chunk-32 layout) with
+    // W decoded in registers; then the partial sums are added and put in natural order.
+    const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 16));
+    at::Tensor part = at::zeros({tasks, M, K}, g2.options().dtype(at::kFloat));
+    const at::Tensor gf = g2.to(at::kFloat).contiguous();
+    const float* gp = gf.const_data_ptr<float>();
+    float* pp = part.data_ptr<float>();
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        kt.gemv_t_rows(w, gp, N, M, N * t / tasks, N * (t + 1) / tasks, pp + t * M * K);
+    });
+    const at::Tensor acc = (tasks > 1 ? part.sum(0) : part[0]).view({M, K / 32, 2, 16}).transpose(2, 3).reshape({M, K});
+    return acc.to(grad.scalar_type()).reshape(leading_shape(grad, K));
   }
-  return acc.to(grad.scalar_type()).reshape(leading_shape(grad, K));
+  if (M <= cpu::kGemvTMaxTokens) {
+    // dx[m, k0:k1] = sum_o g[m, o] W[o, k0:k1]: each task owns column chunks of dx (fp32); for each
+    // chunk it decodes four rows at a time into an L1-sized buffer and accumulates them with one
+    // pass over the chunk of dx.
+    at::Tensor acc = at::zeros({M, K}, g2.options().dtype(at::kFloat));
+    const at::Tensor gf = g2.to(at::kFloat).contiguous();
+    const float* gp = gf.const_data_ptr<float>();
+    float* dp = acc.data_ptr<float>();
+    constexpr int64_t kCols = 512;
+    at::parallel_for(0, (K + kCols - 1) / kCols, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<float> rows(4 * kCols);
+      const float* v[4] = {rows.data(), rows.data() + kCols, rows.data() + 2 * kCols, rows.data() + 3 * kCols};
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t k0 = c * kCols, k1 = std::min(K, k0 + kCols), width = k1 - k0;
+        for (int64_t o = 0; o < N; o += 4) {
+          const int nv = static_cast<int>(std::min<int64_t>(4, N - o));
+          for (int r = 0; r < nv; ++r)
+            kt.decode(w, (o + r) * K + k0, (o + r) * K + k1, cpu::Dt::kF32, rows.data() + r * kCols);
+          for (int64_t m = 0; m < M; ++m) kt.axpy(nv, gp + m * N + o, v, width, dp + m * K + k0);
+        }
+      }
+    });
+    return acc.to(grad.scalar_type()).reshape(leading_shape(grad, K));
+  }
+  // dx[:, k0:k1] = g @ W[:, k0:k1]: column tiles decoded in g's dtype, the full reduction over
+  // out_features in one BLAS call per tile.
+  at::Tensor out = at::empty({M, K}, g2.options());
+  const int64_t tc = cpu::gemm_tile_cols(N, K, g2.element_size());
+  at::Tensor tile = at::empty({N, tc}, g2.options());
+  for (int64_t k0 = 0; k0 < K; k0 += tc) {
+    const int64_t k1 = std::min(K, k0 + tc);
+    decode_tile(kt, w, 0, N, k0, k1, tile, tc);
+    at::Tensor slice = out.narrow(1, k0, k1 - k0);
+    at::mm_out(slice, g2, tile.narrow(1, 0, k1 - k0));
+  }
+  return out.reshape(leading_shape(grad, K));
 }
 
 TORCH_LIBRARY_IMPL(peftx, CPU, m) {

@@ -15,15 +15,19 @@ from tqdm import tqdm
 
 from peftx.bench import e2e_suite, lora_suite, machine, nf4_suite
 
-SUITES = {"nf4": (nf4_suite, 10), "lora": (lora_suite, 17), "e2e": (e2e_suite, 4)}
+SUITES = {"nf4": (nf4_suite, nf4_suite.STEPS), "lora": (lora_suite, 17), "e2e": (e2e_suite, 4)}
 
 
-def _table(rows: list[dict]) -> str:
+def _table(rows: list[dict], dram_GBps: float | None = None) -> str:
     lines = [f"{'op':<14}{'dtype':<10}{'M':>5}  {'candidate':<24}{'median ms':>11}{'p10-p90':>17}{'ratio':>9}"]
     for row in rows:
         for name, r in row["results"].items():
             ratio = next(v for k, v in r.items() if k.startswith("x_vs_"))
-            extra = f"  {r['GBps']:.1f} GB/s" if "GBps" in r else ""
+            extra = ""
+            if "GBps" in r:
+                extra = f"  {r['GBps']:.1f} GB/s"
+                if dram_GBps:
+                    extra += f" = {100 * r['GBps'] / dram_GBps:.0f}% of DRAM read"
             extra += f"  saved {r['saved_MiB']:.2f} MiB" if "saved_MiB" in r else ""
             lines.append(f"{row['op']:<14}{row['dtype']:<10}{str(row['M'] or '-'):>5}  {name:<24}"
                          f"{r['median_ms']:>11.3f}{r['p10_ms']:>8.3f}-{r['p90_ms']:<8.3f}{ratio:>8.2f}x{extra}")
@@ -54,7 +58,8 @@ def main(argv=None) -> int:
         with tqdm(total=steps, desc=f"suite {name}", file=sys.stderr) as bar:
             rows = module.run(quick=not args.full, progress=bar.update)
         out["suites"][name] = rows
-        print(f"\n== {name} ==\n" + getattr(module, "table", _table)(rows), flush=True)
+        table = module.table(rows) if hasattr(module, "table") else _table(rows, m["dram_read_GBps"])
+        print(f"\n== {name} ==\n" + table, flush=True)
     if args.json:
         from peftx.bench.io import write_json_atomic
         write_json_atomic(args.json, out)

@@ -1,7 +1,12 @@
-"""The nf4 suite: quantize, dequantize and nf4_matmul on a 4096 x 4096 weight at M = 1, 16, 512 in
-bf16 and fp32, against dense torch and bitsandbytes (matmul_4bit, and its eval-mode Linear4bit),
-all in the same process with interleaved runs. At M = 1 every candidate rotates over 16 distinct
-weights so none sits in the 32 MiB L3."""
+"""The nf4 suite: quantize, dequantize, nf4_matmul and its transposed product (the input gradient) on
+a 4096 x 4096 weight, against dense torch and bitsandbytes (matmul_4bit, and its eval-mode
+Linear4bit), all in the same process with interleaved runs.
+
+What the targets need: bf16 at M = 1 with the weights out of cache (every candidate rotates over
+16 distinct weights, 134 MiB of NF4 and far more dense, so none sits in the 32 MiB L3), with and
+without autograd recording; M = 16; M = 512; fp32 activations; and, at M = 1, the achieved read
+bandwidth (bytes of the NF4 weight: packed codes + double-quantized absmax) against the machine's
+measured DRAM read bandwidth."""
 
 from __future__ import annotations
 
@@ -12,11 +17,13 @@ import warnings
 import torch
 
 import peftx
+from peftx._native import _C
 from peftx.bench.timing import interleaved
 
 log = logging.getLogger(__name__)
 N = K = 4096
 ROTATE = 16
+STEPS = 12  # progress steps of run()
 
 
 def _bnb():
@@ -34,12 +41,17 @@ def _cycle(items):
     return lambda: next(it)
 
 
+def _weight_bytes(q) -> int:
+    return sum(t.numel() * t.element_size() for k, t in q.tensors().items() if k not in ("code", "nested_code"))
+
+
 def run(quick: bool, progress) -> list[dict]:
     bnb, F = _bnb()
     rows = []
-    repeats = 5 if quick else 15
+    repeats = 7 if quick else 21
     torch.manual_seed(0)
     w32 = torch.randn(N, K)
+    log.info("nf4 suite: peftx CPU kernels %s (bf16 dot-product GEMV: %s)", _C.cpu_isa(), _C.cpu_bf16_gemv())
 
     # quantize / dequantize
     for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32):
@@ -57,7 +69,7 @@ def run(quick: bool, progress) -> list[dict]:
         rows.append(_row("dequantize", dtype, None, interleaved(fns, repeats), "bitsandbytes"))
         progress()
 
-    # matmul
+    # products
     weights = [torch.randn(N, K) for _ in range(ROTATE)]
     for dtype in (torch.bfloat16, torch.float32):
         dense = [w.to(dtype) for w in weights]
@@ -70,9 +82,11 @@ def run(quick: bool, progress) -> list[dict]:
                 theirs.append(lin.to("cpu").eval())
         for M in (1, 16, 512):
             x = torch.randn(M, K).to(dtype)
+            xg = x.clone().requires_grad_(True)
             k = ROTATE if M == 1 else 1
             d, o, t = _cycle(dense[:k]), _cycle(ours[:k]), _cycle(theirs[:k]) if theirs else None
-            fns = {"dense torch": lambda: x @ d().T, "peftx": lambda: peftx.nf4_matmul(x, o())}
+            fns = {"dense torch": lambda: x @ d().T, "peftx": lambda: peftx.nf4_matmul(x, o()),
+                   "peftx (autograd)": lambda: _with_grad(lambda: peftx.nf4_matmul(xg, o()))}
             if theirs:
                 fns["bnb matmul_4bit"] = lambda: (lambda m: bnb.matmul_4bit(x, m.weight.t(), quant_state=m.weight.quant_state))(t())
                 with torch.no_grad():
@@ -81,8 +95,19 @@ def run(quick: bool, progress) -> list[dict]:
                 fns["bnb Linear4bit eval"] = lambda: _no_grad(t(), x)
             with torch.no_grad():
                 rows.append(_row("nf4_matmul", dtype, M, interleaved(fns, repeats), "dense torch",
-                                 bytes_read=ours[0].packed.numel() + ours[0].absmax.numel() if M == 1 else None))
+                                 bytes_read=_weight_bytes(ours[0]) if M == 1 else None))
             progress()
+        # the input-gradient product g @ W (what backward runs), bf16 only
+        if dtype == torch.bfloat16:
+            for M in (1, 512):
+                g = torch.randn(M, N).to(dtype)
+                k = ROTATE if M == 1 else 1
+                d, o = _cycle(dense[:k]), _cycle(ours[:k])
+                fns = {"dense torch": lambda: g @ d(), "peftx": lambda: peftx.nf4_matmul_t(g, o())}
+                with torch.no_grad():
+                    rows.append(_row("nf4_matmul_t", dtype, M, interleaved(fns, repeats), "dense torch",
+                                     bytes_read=_weight_bytes(ours[0]) if M == 1 else None))
+                progress()
     return rows
 
 
@@ -91,13 +116,18 @@ def _no_grad(m, x):
         return m(x)
 
 
+def _with_grad(fn):
+    with torch.enable_grad():
+        return fn()
+
+
 def _row(op, dtype, M, timings, anchor, bytes_read=None):
     base = timings.get(anchor) or timings["peftx"]
     row = {"op": op, "dtype": str(dtype).removeprefix("torch."), "M": M, "shape": f"{N}x{K}", "results": {}}
     for name, t in timings.items():
         r = {"median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms, "spread": t.spread,
              "x_vs_" + anchor.replace(" ", "_"): t.median_ms / base.median_ms}
-        if bytes_read and name == "peftx":
+        if bytes_read and name.startswith("peftx"):
             r["GBps"] = bytes_read / (t.median_ms * 1e-3) / 1e9
         row["results"][name] = r
     row["anchor"] = anchor

@@ -55,9 +55,13 @@ class NF4Weight:
             raise TypeError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
         check_blocksize(blocksize)
         w = weight.detach()
-        if w.numel() and not bool(torch.isfinite(w).all()):
-            raise ValueError("weight contains NaN or inf; NF4 cannot represent them")
-        packed, absmax = nf4_ops.nf4_quantize(w, blocksize)
+        # The kernel detects NaN / inf itself (they reach a block's absmax): no extra pass over w.
+        try:
+            packed, absmax = nf4_ops.nf4_quantize(w, blocksize)
+        except RuntimeError as e:
+            if "NaN or inf" in str(e):
+                raise ValueError("weight contains NaN or inf; NF4 cannot represent them") from None
+            raise
         code = NF4_CODE.to(w.device)
         q = cls(packed=packed, absmax=absmax, code=code, shape=tuple(w.shape), dtype=w.dtype, blocksize=blocksize)
         if double_quant and absmax.numel():

@@ -14,7 +14,7 @@ from tests.integration.tiny_models import logits, make, twin
 
 peft = pytest.importorskip("peft")
 
-KINDS = ["llama", "gpt2", "bert", "mistral", "qwen2", "roberta", "t5"]
+KINDS = ["llama", "gpt2", "bert", "mistral", "qwen2", "roberta", "t5", "mt5"]
 
 
 def printed(fn):
@@ -202,3 +202,67 @@ def test_training_trajectory_equals_hf_peft():
         curves.append(losses)
     torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), atol=1e-4, rtol=1e-5)
     assert curves[0][-1] < curves[0][0] - 0.3
+
+
+@pytest.mark.parametrize("kw", [
+    dict(r=4, rank_pattern={"q_proj": 2, r"layers\.1\.self_attn\.v_proj": 6}, alpha_pattern={"v_proj": 3}),
+    dict(r=4, target_modules=r".*layers\.0\.self_attn\.(q|k)_proj"),
+    dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1]),
+    dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=0, layers_pattern="layers"),
+    dict(r=4, target_modules="all-linear", exclude_modules=["o_proj", "up_proj"]),
+    dict(r=3, use_rslora=True, lora_alpha=7),
+])
+def test_config_options_match_hf(kw, tmp_path):
+    model, inputs, task = make("llama")
+    theirs = peft.get_peft_model(twin(model), hf_config(task, init_lora_weights=False, **kw))
+    ours = peftx.get_peft_model(twin(model), ours_config(task, init_lora_weights=False, **kw))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    theirs.save_pretrained(tmp_path)
+    loaded = peftx.PeftModel.from_pretrained(twin(model), tmp_path)
+    torch.testing.assert_close(logits(loaded, inputs), logits(theirs.eval(), inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_generate_passthrough_matches_hf(tmp_path):
+    model, inputs, task, hf = _randomized_hf("llama", r=4)
+    hf.save_pretrained(tmp_path)
+    ours = peftx.PeftModel.from_pretrained(twin(model), tmp_path)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(input_ids=inputs["input_ids"], **kw),
+                       hf.eval().generate(input_ids=inputs["input_ids"], **kw))
+
+
+def test_add_set_delete_adapter_model_level():
+    model, inputs, task = make("llama")
+    pm = peftx.get_peft_model(twin(model), ours_config(task, r=4, init_lora_weights=False))
+    first = logits(pm.eval(), inputs)
+    pm.add_adapter("second", ours_config(task, r=2, init_lora_weights=False))
+    torch.testing.assert_close(logits(pm, inputs), first)  # adding does not activate
+    pm.set_adapter("second")
+    second = logits(pm, inputs)
+    assert not torch.allclose(first, second)
+    assert all("second" in n for n, p in pm.named_parameters() if p.requires_grad)
+    pm.delete_adapter("second")
+    assert pm.active_adapter == "default" and "second" not in pm.peft_config
+    assert not any("second" in n for n, _ in pm.named_parameters())
+    torch.testing.assert_close(logits(pm, inputs), first)
+    with pytest.raises(ValueError, match="unknown adapter 'second'"):
+        pm.set_adapter("second")
+    with pytest.raises(ValueError, match="already exists"):
+        pm.add_adapter("default", ours_config(task))
+
+
+def test_embedding_and_lm_head_targets_match_hf(tmp_path):
+    # Embedding LoRA (lora_embedding_A/B) and a tied output layer: files move both ways.
+    model, inputs, task = make("gpt2")
+    kw = dict(r=4, target_modules=["wte", "c_attn"], init_lora_weights=False)
+    hf = peft.get_peft_model(twin(model), hf_config(task, **kw))
+    ours = peftx.get_peft_model(twin(model), ours_config(task, **kw))
+    assert ours.get_nb_trainable_parameters() == hf.get_nb_trainable_parameters()
+    wte = ours.base_model.model.transformer.wte
+    assert isinstance(wte, peftx.LoraEmbedding) and wte.weight is wte.base_layer.weight
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = peftx.PeftModel.from_pretrained(twin(model), tmp_path / "hf")
+    torch.testing.assert_close(logits(loaded, inputs), logits(hf.eval(), inputs), atol=1e-5, rtol=1e-5)
+    loaded.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(twin(model), tmp_path / "ours")
+    torch.testing.assert_close(logits(back, inputs), logits(hf, inputs), atol=1e-5, rtol=1e-5)

@@ -6,7 +6,7 @@ import torch
 
 
 def make(kind: str, seed: int = 0):
-    """(model, inputs dict, task_type) for kind in llama, mistral, qwen2, gpt2, bert, roberta, t5."""
+    """(model, inputs dict, task_type) for kind in llama, mistral, qwen2, gpt2, bert, roberta, t5, mt5."""
     import transformers as tf
     torch.manual_seed(seed)
     ids = torch.randint(3, 100, (2, 9))
@@ -25,6 +25,11 @@ def make(kind: str, seed: int = 0):
         cfg = cfg_cls(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       intermediate_size=64, max_position_embeddings=64, num_labels=3)
         return model_cls(cfg).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "SEQ_CLS"
+    if kind == "mt5":
+        cfg = tf.MT5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                           decoder_start_token_id=0)
+        return tf.MT5ForConditionalGeneration(cfg).eval(), {"input_ids": ids, "decoder_input_ids": ids[:, :5]}, \
+            "SEQ_2_SEQ_LM"
     if kind == "t5":
         cfg = tf.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                           decoder_start_token_id=0)

@@ -243,6 +243,23 @@ def test_multi_matches_reference_and_emulated_grid(device, dtype, ids):
     assert torch.equal(ops.lora_multi_fwd(x, base_out, A, B, s, idt)[rows], base_out[rows])
 
 
+@pytest.mark.parametrize("isa", ["default", "avx2", "scalar"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K,N,R", [(70, 77, 20), (64, 128, 16), (5, 3, 1)])
+def test_multi_interleaved_rows_every_cpu_path(monkeypatch, isa, dtype, K, N, R):
+    if isa != "default":
+        monkeypatch.setenv("PEFTX_CPU_ISA", isa)
+    torch.manual_seed(K)
+    x = torch.randn(11, K).to(dtype)
+    base_out = torch.randn(11, N).to(dtype)
+    A = (torch.randn(3, R, K) / K ** 0.5).to(dtype)
+    B = torch.randn(3, N, R).to(dtype)
+    s = torch.tensor([0.5, 2.0, -1.0])
+    ids = torch.tensor([2, 0, 1, 0, -1, 2, 1, 1, 0, 2, 2])
+    torch.testing.assert_close(ops.lora_multi_fwd(x, base_out, A, B, s, ids).float(),
+                               lora_multi_ref(x, base_out, A, B, s, ids), **TOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_emulated_dropout_axpy_matches_reference(dtype):
     t = torch.randn(13, 29).to(dtype)

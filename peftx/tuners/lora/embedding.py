@@ -26,6 +26,11 @@ class LoraEmbedding(nn.Module):
         self.lora_embedding_B = nn.ParameterDict()
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
 
+    @property
+    def weight(self):
+        """The base embedding's weight (transformers reads it, e.g. to tie the output layer)."""
+        return self.base_layer.weight
+
     def add_adapter(self, adapter_name, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
                     init_lora_weights=True):
         check_new_name(self, adapter_name)

@@ -50,6 +50,15 @@ class LoraLayer(nn.Module):
         for p in base_layer.parameters():
             p.requires_grad_(False)
 
+    # --- the base layer's tensors, for code that reads module.weight (weight tying, transformers utils)
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return getattr(self.base_layer, "bias", None)
+
     # --- HF PEFT-style views of the hyper-parameters ------------------------------------------
     @property
     def r(self) -> dict[str, int]:

@@ -1,0 +1,111 @@
+// AVX-512 decode of NF4 weights (dequantize, and the tiles of the GEMM path) and of double-quantized
+// absmax. Bit-identical to the scalar table: each value is one fp32 product code * absmax, then one
+// rounding to the output dtype.
+#include <algorithm>
+
+#include "nf4/cpu/avx512.h"
+#include "nf4/cpu/simd_avx512.h"
+#include "nf4/nf4_math.h"
+
+namespace peftx {
+namespace nf4 {
+namespace cpu {
+namespace avx512 {
+namespace {
+
+// Elements [j, end) of one block (j even), scale `s`: 32 per step from 16 packed bytes.
+template <typename T>
+PEFTX_AVX512 void decode_segment(const uint8_t* packed, __m512 code, float s, int64_t j, int64_t end, T* out) {
+  const __m512 sv = _mm512_set1_ps(s);
+  for (; j + 32 <= end; j += 32, out += 32) {
+    __m512 hi, lo;
+    decode32(load_bytes16(packed + (j >> 1)), code, hi, lo);
+    store_pairs(out, _mm512_mul_ps(hi, sv), _mm512_mul_ps(lo, sv), 32);
+  }
+  if (j < end) {
+    const int64_t count = end - j;
+    __m512 hi, lo;
+    decode32(load_bytes16(packed + (j >> 1), (count + 1) / 2), code, hi, lo);
+    store_pairs(out, _mm512_mul_ps(hi, sv), _mm512_mul_ps(lo, sv), count);
+  }
+}
+
+template <typename T>
+PEFTX_AVX512 void decode_t(const Weight4& w, int64_t j0, int64_t j1, T* out) {
+  if (j0 >= j1) return;
+  int64_t j = j0;
+  if (j & 1) {  // a range that starts on a low nibble
+    store(out++, nf4::decode(j, w.packed, w.absmax, w.code, w.blocksize));
+    ++j;
+  }
+  const __m512 code = _mm512_loadu_ps(w.code);
+  while (j < j1) {
+    const int64_t block = j / w.blocksize;
+    const int64_t end = std::min(j1, (block + 1) * w.blocksize);
+    decode_segment(w.packed, code, w.absmax[block], j, end, out);
+    out += end - j;
+    j = end;
+  }
+}
+
+}  // namespace
+
+void decode(const Weight4& w, int64_t j0, int64_t j1, Dt dt, void* out) {
+  switch (dt) {
+    case Dt::kF32:
+      return decode_t(w, j0, j1, static_cast<float*>(out));
+    case Dt::kBF16:
+      return decode_t(w, j0, j1, static_cast<bf16_t*>(out));
+    case Dt::kF16:
+      return decode_t(w, j0, j1, static_cast<f16_t*>(out));
+  }
+}
+
+namespace {
+
+// code[idx] for 16 indices in [0, 256): the 256-entry table held in 16 registers; vpermt2ps picks
+// within pairs of registers by the low 5 index bits, then bits 5, 6, 7 select between the pairs
+// (gathers are several times slower on some CPUs).
+struct Table256 {
+  __m512 t[16];
+};
+
+PEFTX_AVX512_INLINE __m512 lookup256(const Table256& tab, __m512i idx) {
+  __m512 r[8];
+  for (int k = 0; k < 8; ++k) r[k] = _mm512_permutex2var_ps(tab.t[2 * k], idx, tab.t[2 * k + 1]);
+  const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+  const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+  const __mmask16 b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+  for (int k = 0; k < 4; ++k) r[k] = _mm512_mask_blend_ps(b5, r[2 * k], r[2 * k + 1]);
+  for (int k = 0; k < 2; ++k) r[k] = _mm512_mask_blend_ps(b6, r[2 * k], r[2 * k + 1]);
+  return _mm512_mask_blend_ps(b7, r[0], r[1]);
+}
+
+}  // namespace
+
+// out[i] = code[q[i]] * nested[i / blocksize] + offset: a 16-lane table lookup, then a separately
+// rounded multiply and add (no FMA: the scalar definition rounds twice).
+PEFTX_AVX512 void double_dequantize(const uint8_t* q, const float* nested, const float* code, int64_t blocksize,
+                                    float offset, int64_t i0, int64_t i1, float* out) {
+  Table256 tab;
+  for (int k = 0; k < 16; ++k) tab.t[k] = _mm512_loadu_ps(code + 16 * k);
+  const __m512 off = _mm512_set1_ps(offset);
+  int64_t i = i0;
+  while (i < i1) {
+    const int64_t block = i / blocksize;
+    const int64_t end = std::min(i1, (block + 1) * blocksize);
+    const __m512 scale = _mm512_set1_ps(nested[block]);
+    for (; i < end; i += 16) {
+      const int64_t count = std::min<int64_t>(16, end - i);
+      const __mmask16 m = static_cast<__mmask16>((1u << count) - 1u);
+      const __m512 c = lookup256(tab, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, q + i)));
+      _mm512_mask_storeu_ps(out + i, m, _mm512_add_ps(_mm512_mul_ps(c, scale), off));
+    }
+    i = end;
+  }
+}
+
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace nf4
+}  // namespace peftx

@@ -1,0 +1,38 @@
+// How the CPU products split their work: GEMV (decode in registers) for few tokens, and for more
+// tokens a GEMM over decoded tiles of W whose size is a fixed byte budget, so the extra memory of
+// nf4_matmul / nf4_matmul_t never grows with the weight (tests/ops/test_nf4_cpu_paths.py checks
+// the budget and the measured peak).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace peftx {
+namespace nf4 {
+namespace cpu {
+
+// Up to this many tokens (rows of x or of grad) the products run the GEMV kernels.
+constexpr int64_t kGemvMaxTokens = 16;
+constexpr int64_t kGemvTMaxTokens = 16;
+// Bytes of one decoded tile (2 MiB: an L2's worth; a quarter of a 4096 x 4096 bf16 weight is 8 MiB).
+constexpr int64_t kTileBytes = int64_t(2) << 20;
+
+// Rows of W per tile of nf4_matmul's GEMM path ([rows, cols] in elem-byte elements): a multiple
+// of 16 where the budget allows; at least one row.
+inline int64_t gemm_tile_rows(int64_t rows, int64_t cols, int64_t elem) {
+  int64_t t = kTileBytes / std::max<int64_t>(cols * elem, 1);
+  if (t >= 16) t -= t % 16;
+  return std::clamp<int64_t>(t, 1, std::max<int64_t>(rows, 1));
+}
+
+// Columns of W per tile of nf4_matmul_t's GEMM path (a [rows, width] slice): a multiple of 64
+// where the budget allows, at least 16 (so a very tall weight may exceed the budget: rows * 16).
+inline int64_t gemm_tile_cols(int64_t rows, int64_t cols, int64_t elem) {
+  int64_t t = kTileBytes / std::max<int64_t>(rows * elem, 1);
+  if (t >= 64) t -= t % 64;
+  return std::clamp<int64_t>(t, std::min<int64_t>(16, std::max<int64_t>(cols, 1)), std::max<int64_t>(cols, 1));
+}
+
+}  // namespace cpu
+}  // namespace nf4
+}  // namespace peftx
