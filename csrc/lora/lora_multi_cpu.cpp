@@ -6,6 +6,7 @@
 // 16-bit rows gather each adapter's rows for the library's GEMMs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -219,7 +220,9 @@ at::Tensor lora_multi_fwd_cpu(const at::Tensor& x, const at::Tensor& base_out, c
   }
   if (!sliced) {
     // 16-bit activations: gather each adapter's rows and use the library's 16-bit GEMMs.
+    const at::ThreadLocalState tls;  // OpenMP workers start without the caller's (below-autograd) dispatch state
     at::parallel_for(0, n, 1, [&](int64_t a0, int64_t a1) {
+      const at::ThreadLocalStateGuard tls_guard(tls);
       for (int64_t a = a0; a < a1; ++a) {
         const int64_t count = start[a + 1] - start[a];
         if (count == 0) continue;
@@ -231,7 +234,9 @@ at::Tensor lora_multi_fwd_cpu(const at::Tensor& x, const at::Tensor& base_out, c
     return y.view(base_out.sizes());
   }
   // Each adapter's rows are one slice: two GEMMs per adapter, no gather or scatter.
+  const at::ThreadLocalState tls;  // as above
   at::parallel_for(0, n, 1, [&](int64_t a0, int64_t a1) {
+    const at::ThreadLocalStateGuard tls_guard(tls);
     for (int64_t a = a0; a < a1; ++a) {
       const int64_t count = start[a + 1] - start[a];
       if (count == 0) continue;
