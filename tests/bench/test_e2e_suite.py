@@ -7,6 +7,8 @@ import torch
 
 from peftx.bench import e2e_suite
 
+pytestmark = pytest.mark.usefixtures("isolated_rng")
+
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 

@@ -18,7 +18,8 @@ from tests.integration.tiny_models import make
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(ROOT, "examples", "ddp_lora.py")
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"),
+              pytest.mark.usefixtures("isolated_rng")]
 
 
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:

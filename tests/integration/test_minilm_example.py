@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("isolated_rng")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

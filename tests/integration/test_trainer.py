@@ -15,6 +15,8 @@ from tests.integration.tiny_models import make
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+pytestmark = pytest.mark.usefixtures("isolated_rng")
+
 STEPS = 6
 
 

@@ -10,6 +10,8 @@ import peftx
 from peftx.ops import lora as lora_ops
 from peftx.ops.reference import lora_linear_ref
 
+pytestmark = pytest.mark.usefixtures("isolated_rng")
+
 
 @pytest.fixture
 def two_threads():
