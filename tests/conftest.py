@@ -14,3 +14,17 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2,
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+@pytest.fixture
+def isolated_rng():
+    """Restores torch's, Python's and numpy's global RNG states after the test (Trainer and the
+    examples seed them): tests that draw unseeded data later in the session are not shifted."""
+    import random
+
+    import numpy as np
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        yield
+    random.setstate(py_state)
+    np.random.set_state(np_state)

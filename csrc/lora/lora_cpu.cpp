@@ -4,7 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -18,11 +18,6 @@
 namespace peftx {
 namespace lora {
 namespace {
-
-// Worker threads of at::parallel_for do not inherit the caller's "below autograd" dispatch state:
-// each task re-enters it, so the ATen calls inside run as plain kernels (an out= GEMM on tensors
-// that require grad would otherwise be refused, and others would record graph nodes).
-using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 // Elements of x (or of the input gradient) dropped out per chunk: small enough to stay in L2.
 constexpr int64_t kChunkElements = 1 << 15;
@@ -62,8 +57,11 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2.scalar_type(), op, [&] {
       const auto scale = keep_scale<scalar_t>(d, dropout_p);
       const scalar_t* xp = x2.const_data_ptr<scalar_t>();
+      // The at:: calls below run on OpenMP worker threads, which start with no thread-local dispatch
+      // state: without the caller's (below autograd), at::mm_out sees lora_A requiring grad and throws.
+      const at::ThreadLocalState tls;
       at::parallel_for(0, M, rows, [&](int64_t b0, int64_t b1) {
-        const BelowAutograd below_autograd;
+        const at::ThreadLocalStateGuard tls_guard(tls);
         for (int64_t m0 = b0; m0 < b1; m0 += rows) {
           const int64_t mc = std::min(rows, b1 - m0);
           at::Tensor xd = at::empty({mc, K}, x2.options());
@@ -123,8 +121,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
       const auto scale = keep_scale<scalar_t>(d, dropout_p);
       const scalar_t* xp = x2.const_data_ptr<scalar_t>();
       scalar_t* dxp = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
+      const at::ThreadLocalState tls;  // the caller's dispatch state for the workers' at:: calls (see the forward)
       at::parallel_for(0, K, cols, [&](int64_t b0, int64_t b1) {
-        const BelowAutograd below_autograd;
+        const at::ThreadLocalStateGuard tls_guard(tls);
         for (int64_t k0 = b0; k0 < b1; k0 += cols) {
           const int64_t kc = std::min(cols, b1 - k0);
           at::Tensor xd = at::empty({M, kc}, x2.options());

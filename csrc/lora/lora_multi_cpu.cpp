@@ -6,7 +6,7 @@
 // 16-bit rows gather each adapter's rows for the library's GEMMs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -21,11 +21,6 @@
 namespace peftx {
 namespace lora {
 namespace {
-
-// Worker threads of at::parallel_for do not inherit the caller's "below autograd" dispatch state:
-// each task re-enters it, so the ATen calls inside run as plain kernels (an out= GEMM on tensors
-// that require grad would otherwise be refused, and others would record graph nodes).
-using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 // --- the per-row kernel: written once, compiled for each instruction set -----------------------
 // Conversions of 16-bit types are bit operations, so
@@ -175,7 +170,6 @@ void multi_rows(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor
     const T* xp = reinterpret_cast<const T*>(x2.const_data_ptr());
     T* yp = reinterpret_cast<T*>(y.data_ptr());
     at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t g0, int64_t g1) {
-      const BelowAutograd below_autograd;
       std::vector<float> xf(kRows * K), u(kRows * R);
       for (int64_t g = g0; g < g1; ++g) {
         const auto [a, first] = groups[g];
@@ -226,8 +220,9 @@ at::Tensor lora_multi_fwd_cpu(const at::Tensor& x, const at::Tensor& base_out, c
   }
   if (!sliced) {
     // 16-bit activations: gather each adapter's rows and use the library's 16-bit GEMMs.
+    const at::ThreadLocalState tls;  // OpenMP workers start without the caller's (below-autograd) dispatch state
     at::parallel_for(0, n, 1, [&](int64_t a0, int64_t a1) {
-      const BelowAutograd below_autograd;
+      const at::ThreadLocalStateGuard tls_guard(tls);
       for (int64_t a = a0; a < a1; ++a) {
         const int64_t count = start[a + 1] - start[a];
         if (count == 0) continue;
@@ -239,8 +234,9 @@ at::Tensor lora_multi_fwd_cpu(const at::Tensor& x, const at::Tensor& base_out, c
     return y.view(base_out.sizes());
   }
   // Each adapter's rows are one slice: two GEMMs per adapter, no gather or scatter.
+  const at::ThreadLocalState tls;  // as above
   at::parallel_for(0, n, 1, [&](int64_t a0, int64_t a1) {
-    const BelowAutograd below_autograd;
+    const at::ThreadLocalStateGuard tls_guard(tls);
     for (int64_t a = a0; a < a1; ++a) {
       const int64_t count = start[a + 1] - start[a];
       if (count == 0) continue;

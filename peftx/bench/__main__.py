@@ -13,9 +13,10 @@ import sys
 import torch
 from tqdm import tqdm
 
-from peftx.bench import lora_suite, machine, nf4_suite, optim_suite
+from peftx.bench import e2e_suite, lora_suite, machine, nf4_suite, optim_suite
 
-SUITES = {"nf4": (nf4_suite, nf4_suite.STEPS), "lora": (lora_suite, 17), "optim": (optim_suite, 3)}
+SUITES = {"nf4": (nf4_suite, nf4_suite.STEPS), "lora": (lora_suite, 17), "optim": (optim_suite, 3),
+          "e2e": (e2e_suite, 4)}
 
 
 def _table(rows: list[dict], dram_GBps: float | None = None) -> str:
@@ -40,7 +41,8 @@ def _table(rows: list[dict], dram_GBps: float | None = None) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m peftx.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suites", nargs="*", default=["nf4"], help=f"suites to run: {', '.join(SUITES)} (default: nf4)")
+    p.add_argument("suites", nargs="*", default=["nf4", "lora", "optim"],
+                   help=f"suites to run: {', '.join(SUITES)} (default: nf4 lora optim)")
     p.add_argument("--full", action="store_true", help="more repeats and cases (default: a quick subset)")
     p.add_argument("--json", metavar="PATH", help="write all results as JSON")
     p.add_argument("--threads", type=int, help="torch.set_num_threads before measuring")
@@ -59,7 +61,8 @@ def main(argv=None) -> int:
         with tqdm(total=steps, desc=f"suite {name}", file=sys.stderr) as bar:
             rows = module.run(quick=not args.full, progress=bar.update)
         out["suites"][name] = rows
-        print(f"\n== {name} ==\n" + _table(rows, m["dram_read_GBps"]), flush=True)
+        table = module.table(rows) if hasattr(module, "table") else _table(rows, m["dram_read_GBps"])
+        print(f"\n== {name} ==\n" + table, flush=True)
     if args.json:
         from peftx.bench.io import write_json_atomic
         write_json_atomic(args.json, out)

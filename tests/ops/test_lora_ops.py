@@ -67,6 +67,7 @@ CASES = [((3, 40), 24, 4), ((2, 3, 123), 41, 8), ((1, 7), 5, 1), ((0, 16), 8, 2)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [False, True])
 def test_forward_and_gradients_match_reference(device, dtype, shape, out_f, r, kind, p, bias):
+    torch.manual_seed(sum(shape) * 7 + out_f * 13 + r + int(p * 10) + bias + 1000 * (kind == "nf4"))
     in_f = shape[-1]
     base, w_ref = _base(kind, out_f, in_f, dtype, device)
     x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
@@ -88,7 +89,10 @@ def test_forward_and_gradients_match_reference(device, dtype, shape, out_f, r, k
                                [xr, Ar, Br] + ([br] if bias else []), g.float())
     for got_t, want_t in zip(got, want):
         assert got_t.dtype == dtype
-        torch.testing.assert_close(got_t.float(), want_t, **GRAD_TOL[dtype])
+        # Rounding errors scale with the gradients' size (s g B is O(sqrt(r)) here, not O(1)).
+        scale = max(1.0, want_t.abs().max().item()) if want_t.numel() else 1.0
+        tol = GRAD_TOL[dtype]
+        torch.testing.assert_close(got_t.float(), want_t, atol=tol["atol"] * scale, rtol=tol["rtol"])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
