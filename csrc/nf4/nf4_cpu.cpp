@@ -209,20 +209,25 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   if (M == 0 || N == 0 || K == 0) {
     out.zero_();
     if (bias.has_value() && M > 0) out.add_(bias->to(out.scalar_type()));
-  } else if (M <= cpu::kGemvMaxTokens) {
+  } else if (M <= cpu::gemv_tokens(x2.scalar_type() == at::kBFloat16)) {
     const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
     gemv(kt, w, x2, bias_f, out);
   } else {
     // y[:, r0:r1] = x @ tile^T with the tile decoded in x's dtype (what dequantize returns), one
     // BLAS call per tile writing straight into the output's column slice.
-    const int64_t tr = cpu::gemm_tile_rows(N, K, x2.element_size());
-    at::Tensor tile = at::empty({tr, K}, x2.options());
+    // fp16 tiles compute in fp32: the CPU BLAS has no fast fp16 GEMM (17 tokens took 12 ms vs 2.6).
+    const bool via_f32 = x2.scalar_type() == at::kHalf;
+    const at::Tensor xc = via_f32 ? x2.to(at::kFloat) : x2;
+    at::Tensor outc = via_f32 ? at::empty({M, N}, xc.options()) : out;
+    const int64_t tr = cpu::gemm_tile_rows(N, K, xc.element_size());
+    at::Tensor tile = at::empty({tr, K}, xc.options());
     for (int64_t r0 = 0; r0 < N; r0 += tr) {
       const int64_t r1 = std::min(N, r0 + tr);
       decode_tile(kt, w, r0, r1, 0, K, tile, K);
-      at::Tensor slice = out.narrow(1, r0, r1 - r0);
-      at::mm_out(slice, x2, tile.narrow(0, 0, r1 - r0).t());
+      at::Tensor slice = outc.narrow(1, r0, r1 - r0);
+      at::mm_out(slice, xc, tile.narrow(0, 0, r1 - r0).t());
     }
+    if (via_f32) out.copy_(outc);
     if (bias.has_value()) out.add_(bias->to(out.scalar_type()));
   }
   return out.reshape(leading_shape(x, N));
@@ -239,7 +244,8 @@ at::Tensor nf4_matmul_t_cpu(const at::Tensor& grad, const at::Tensor& packed, co
   const cpu::Weight4 w = weight_view(pk, am, cd, blocksize, N, K);
   const cpu::Kernels& kt = cpu::active_kernels();
   if (M == 0 || N == 0 || K == 0) return at::zeros(leading_shape(grad, K), grad.options());
-  if (M <= cpu::kGemvTMaxTokens && kt.gemv_t_rows != nullptr && K % 32 == 0) {
+  const int64_t gemv_t_max = cpu::gemv_t_tokens(g2.scalar_type() == at::kBFloat16);
+  if (M <= gemv_t_max && kt.gemv_t_rows != nullptr && K % 32 == 0) {
     // dx = g W: rows split over tasks, each accumulating a private dx (fp32, chunk-32 layout) with
     // W decoded in registers; then the partial sums are added and put in natural order.
     const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 16));
@@ -254,7 +260,7 @@ at::Tensor nf4_matmul_t_cpu(const at::Tensor& grad, const at::Tensor& packed, co
     const at::Tensor acc = (tasks > 1 ? part.sum(0) : part[0]).view({M, K / 32, 2, 16}).transpose(2, 3).reshape({M, K});
     return acc.to(grad.scalar_type()).reshape(leading_shape(grad, K));
   }
-  if (M <= cpu::kGemvTMaxTokens) {
+  if (M <= gemv_t_max) {
     // dx[m, k0:k1] = sum_o g[m, o] W[o, k0:k1]: each task owns column chunks of dx (fp32); for each
     // chunk it decodes four rows at a time into an L1-sized buffer and accumulates them with one
     // pass over the chunk of dx.
@@ -280,16 +286,18 @@ at::Tensor nf4_matmul_t_cpu(const at::Tensor& grad, const at::Tensor& packed, co
   }
   // dx[:, k0:k1] = g @ W[:, k0:k1]: column tiles decoded in g's dtype, the full reduction over
   // out_features in one BLAS call per tile.
-  at::Tensor out = at::empty({M, K}, g2.options());
-  const int64_t tc = cpu::gemm_tile_cols(N, K, g2.element_size());
-  at::Tensor tile = at::empty({N, tc}, g2.options());
+  // fp16 tiles compute in fp32 (no fast fp16 GEMM on the CPU: 17 tokens took 360 ms).
+  const at::Tensor gc = g2.scalar_type() == at::kHalf ? g2.to(at::kFloat) : g2;
+  at::Tensor out = at::empty({M, K}, gc.options());
+  const int64_t tc = cpu::gemm_tile_cols(N, K, gc.element_size());
+  at::Tensor tile = at::empty({N, tc}, gc.options());
   for (int64_t k0 = 0; k0 < K; k0 += tc) {
     const int64_t k1 = std::min(K, k0 + tc);
     decode_tile(kt, w, 0, N, k0, k1, tile, tc);
     at::Tensor slice = out.narrow(1, k0, k1 - k0);
-    at::mm_out(slice, g2, tile.narrow(1, 0, k1 - k0));
+    at::mm_out(slice, gc, tile.narrow(1, 0, k1 - k0));
   }
-  return out.reshape(leading_shape(grad, K));
+  return out.to(grad.scalar_type()).reshape(leading_shape(grad, K));
 }
 
 TORCH_LIBRARY_IMPL(peftx, CPU, m) {
