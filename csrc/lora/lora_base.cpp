@@ -56,6 +56,20 @@ at::Tensor check_lora_args(const char* op, const at::Tensor& x, const BaseWeight
   return x.reshape({-1, in}).contiguous();
 }
 
+at::Tensor check_bwd_args(const char* op, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& u,
+                          int64_t M, int64_t R, int64_t N) {
+  const auto want = leading_shape_with(x, N);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(want), op, ": grad must have shape ", at::IntArrayRef(want),
+              " (x's leading dimensions, out_features), got ", grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), op, ": grad must have x's dtype ", x.scalar_type(), ", got ",
+              grad.scalar_type());
+  TORCH_CHECK(u.dim() == 2 && u.size(0) == M && u.size(1) == R && u.scalar_type() == x.scalar_type(), op,
+              ": u must be the forward's [", M, ", ", R, "] ", x.scalar_type(), " tensor, got ", u.sizes(), " ",
+              u.scalar_type());
+  PEFTX_CHECK_SAME_DEVICE(op, "grad", grad, x);
+  return grad.reshape({-1, N}).contiguous();
+}
+
 at::Tensor check_multi_args(const char* op, const at::Tensor& x, const at::Tensor& base_out,
                             const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scalings,
                             const at::Tensor& adapter_ids) {

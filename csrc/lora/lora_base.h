@@ -24,6 +24,11 @@ at::Tensor check_lora_args(const char* op, const at::Tensor& x, const BaseWeight
                            const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                            const at::Tensor& lora_B, double dropout_p, bool allow_double = false);
 
+// Checks the backward's grad [..., N] and u [M, R] against x [..., K] (M rows); returns grad as a
+// contiguous [M, N] tensor.
+at::Tensor check_bwd_args(const char* op, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& u,
+                          int64_t M, int64_t R, int64_t N);
+
 // Checks the mixed-adapter arguments: x [..., K], base_out [..., N], lora_A [n, R, K],
 // lora_B [n, N, R], scalings fp32 [n], adapter_ids int64 [tokens] in [-1, n). Returns x as a
 // contiguous [tokens, K] tensor.

@@ -94,15 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   const at::Tensor x2 = check_lora_args(op, x, base, c10::nullopt, lora_A_in, lora_B_in, dropout_p, !base.is_nf4());
   const at::Tensor lora_A = lora_A_in.to(x2.scalar_type()), lora_B = lora_B_in.to(x2.scalar_type());
   const int64_t M = x2.size(0), K = x2.size(1), R = lora_A.size(0), N = lora_B.size(0);
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef(leading_shape_with(x, N)), op, ": grad must have shape ",
-              at::IntArrayRef(leading_shape_with(x, N)), " (x's leading dimensions, out_features), got ",
-              grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), op, ": grad must have x's dtype ", x.scalar_type(),
-              ", got ", grad.scalar_type());
-  TORCH_CHECK(u.dim() == 2 && u.size(0) == M && u.size(1) == R && u.scalar_type() == x.scalar_type(), op,
-              ": u must be the forward's [", M, ", ", R, "] ", x.scalar_type(), " tensor, got ", u.sizes(), " ",
-              u.scalar_type());
-  const at::Tensor g2 = grad.reshape({-1, N}).contiguous();
+  const at::Tensor g2 = check_bwd_args(op, grad, x, u, M, R, N);
   // Shared by all three gradients: gBs = s g B  [M, R].
   const at::Tensor gBs = at::mm(g2, lora_B).mul_(scaling);
   at::Tensor dB = at::mm(g2.t(), u.mul(scaling));

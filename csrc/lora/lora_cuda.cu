@@ -39,28 +39,12 @@ __global__ void lora_multi_expand_kernel(const float* u, int64_t M, int64_t R, c
 
 unsigned grid(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
-template <typename Fn>
-cudaError_t with_kind(FloatKind kind, Fn&& fn) {
-  switch (kind) {
-    case FloatKind::f32:
-      fn(static_cast<float*>(nullptr));
-      break;
-    case FloatKind::f16:
-      fn(static_cast<f16_t*>(nullptr));
-      break;
-    case FloatKind::bf16:
-      fn(static_cast<bf16_t*>(nullptr));
-      break;
-  }
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t launch_lora_dropout(FloatKind kind, const void* x, int64_t n, Dropout d, void* xd,
                                 cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  return with_kind(kind, [&](auto* tag) {
+  return with_float_kind(kind, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     lora_dropout_kernel<T><<<grid(n), kThreads, 0, stream>>>(static_cast<const T*>(x), n, d, static_cast<T*>(xd));
   });
@@ -69,7 +53,7 @@ cudaError_t launch_lora_dropout(FloatKind kind, const void* x, int64_t n, Dropou
 cudaError_t launch_lora_dropout_axpy(FloatKind kind, const void* t, int64_t n, Dropout d, void* dx,
                                      cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  return with_kind(kind, [&](auto* tag) {
+  return with_float_kind(kind, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     lora_dropout_axpy_kernel<T><<<grid(n), kThreads, 0, stream>>>(static_cast<const T*>(t), n, d,
                                                                   static_cast<T*>(dx));
@@ -79,7 +63,7 @@ cudaError_t launch_lora_dropout_axpy(FloatKind kind, const void* t, int64_t n, D
 cudaError_t launch_lora_multi_shrink(FloatKind kind, const void* x, int64_t M, int64_t K, const void* A,
                                      int64_t R, const int64_t* ids, float* u, cudaStream_t stream) {
   if (M * R == 0) return cudaSuccess;
-  return with_kind(kind, [&](auto* tag) {
+  return with_float_kind(kind, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     lora_multi_shrink_kernel<T><<<grid(M * R), kThreads, 0, stream>>>(static_cast<const T*>(x), M, K,
                                                                       static_cast<const T*>(A), R, ids, u);
@@ -90,7 +74,7 @@ cudaError_t launch_lora_multi_expand(FloatKind kind, const float* u, int64_t M, 
                                      int64_t N, const float* s, const int64_t* ids, void* y,
                                      cudaStream_t stream) {
   if (M * N == 0) return cudaSuccess;
-  return with_kind(kind, [&](auto* tag) {
+  return with_float_kind(kind, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     lora_multi_expand_kernel<T><<<grid(M * N), kThreads, 0, stream>>>(u, M, R, static_cast<const T*>(B), N, s,
                                                                       ids, static_cast<T*>(y));

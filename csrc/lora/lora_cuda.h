@@ -8,12 +8,10 @@
 #include <cstdint>
 
 #include "lora/lora_math.h"
-#include "nf4/nf4_cuda.h"
+#include "common/float_kind.h"
 
 namespace peftx {
 namespace lora {
-
-using nf4::FloatKind;
 
 // x [n] -> xd [n] = dropout(x) under d (element i of the flattened [tokens, in] input).
 cudaError_t launch_lora_dropout(FloatKind kind, const void* x, int64_t n, Dropout d, void* xd,

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/cuda_reg.h"
 #include "lora/lora_base.h"
 #include "lora/lora_cuda.h"
 
@@ -14,25 +15,10 @@ namespace peftx {
 namespace lora {
 namespace {
 
-FloatKind kind_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return FloatKind::f32;
-    case at::kHalf:
-      return FloatKind::f16;
-    case at::kBFloat16:
-      return FloatKind::bf16;
-    default:
-      TORCH_CHECK(false, "peftx lora: unsupported dtype ", t);
-  }
-}
-
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
 at::Tensor dropout_of(const at::Tensor& x2, const Dropout& d) {
   at::Tensor xd = at::empty_like(x2);
-  C10_CUDA_CHECK(launch_lora_dropout(kind_of(x2.scalar_type()), x2.const_data_ptr(), x2.numel(), d,
-                                     xd.data_ptr(), stream()));
+  C10_CUDA_CHECK(launch_lora_dropout(kind_of(x2.scalar_type(), "peftx lora"), x2.const_data_ptr(), x2.numel(), d,
+                                     xd.data_ptr(), current_stream()));
   return xd;
 }
 
@@ -65,12 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cuda(
   const at::Tensor lora_A = lora_A_in.to(x2.scalar_type()), lora_B = lora_B_in.to(x2.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x2.size(0), K = x2.size(1), R = lora_A.size(0), N = lora_B.size(0);
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef(leading_shape_with(x, N)) && grad.scalar_type() == x.scalar_type(),
-              op, ": grad must be a ", x.scalar_type(), " tensor of shape ",
-              at::IntArrayRef(leading_shape_with(x, N)), ", got ", grad.scalar_type(), " ", grad.sizes());
-  TORCH_CHECK(u.dim() == 2 && u.size(0) == M && u.size(1) == R && u.scalar_type() == x.scalar_type(), op,
-              ": u must be the forward's [", M, ", ", R, "] tensor, got ", u.sizes());
-  const at::Tensor g2 = grad.reshape({-1, N}).contiguous();
+  const at::Tensor g2 = check_bwd_args(op, grad, x, u, M, R, N);
   const at::Tensor gBs = at::mm(g2, lora_B).mul_(scaling);
   at::Tensor dB = at::mm(g2.t(), u.mul(scaling));
   at::Tensor dx = need_dx ? base_input_grad(g2, base, K) : at::empty({0}, x2.options());
@@ -83,8 +64,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cuda(
     dA = at::mm(gBs.t(), dropout_of(x2, d));
     if (need_dx) {
       const at::Tensor t = at::mm(gBs, lora_A);
-      C10_CUDA_CHECK(launch_lora_dropout_axpy(kind_of(x2.scalar_type()), t.const_data_ptr(), t.numel(), d,
-                                              dx.data_ptr(), stream()));
+      C10_CUDA_CHECK(launch_lora_dropout_axpy(kind_of(x2.scalar_type(), "peftx lora"), t.const_data_ptr(), t.numel(), d,
+                                              dx.data_ptr(), current_stream()));
     }
   }
   return {need_dx ? dx.view(x.sizes()) : dx, dA.to(lora_A_in.scalar_type()), dB.to(lora_B_in.scalar_type())};
@@ -100,12 +81,12 @@ at::Tensor lora_multi_fwd_cuda(const at::Tensor& x, const at::Tensor& base_out, 
   const at::Tensor A = lora_A.contiguous(), B = lora_B.contiguous(), s = scalings.contiguous(),
                    ids = adapter_ids.contiguous();
   at::Tensor u = at::empty({M, R}, x2.options().dtype(at::kFloat));
-  const FloatKind kind = kind_of(x2.scalar_type());
+  const FloatKind kind = kind_of(x2.scalar_type(), "peftx lora");
   C10_CUDA_CHECK(launch_lora_multi_shrink(kind, x2.const_data_ptr(), M, K, A.const_data_ptr(), R,
-                                          ids.const_data_ptr<int64_t>(), u.data_ptr<float>(), stream()));
+                                          ids.const_data_ptr<int64_t>(), u.data_ptr<float>(), current_stream()));
   C10_CUDA_CHECK(launch_lora_multi_expand(kind, u.const_data_ptr<float>(), M, R, B.const_data_ptr(), N,
                                           s.const_data_ptr<float>(), ids.const_data_ptr<int64_t>(), y.data_ptr(),
-                                          stream()));
+                                          current_stream()));
   return y.view(base_out.sizes());
 }
 

@@ -7,10 +7,12 @@
 
 #include <cstdint>
 
+#include "common/float_kind.h"
+
 namespace peftx {
 namespace nf4 {
 
-enum class FloatKind : int { f32 = 0, f16 = 1, bf16 = 2 };
+using peftx::FloatKind;
 
 // w [n] (kind) -> packed [ceil(n/2)] uint8, absmax [ceil(n/blocksize)] fp32.
 cudaError_t launch_nf4_quantize(FloatKind kind, const void* w, int64_t n, int64_t blocksize,

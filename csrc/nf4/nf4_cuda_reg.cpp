@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/cuda_reg.h"
 #include "nf4/nf4_checks.h"
 #include "nf4/nf4_cuda.h"
 
@@ -16,21 +17,6 @@ namespace {
 // Rows of x up to which the products run the decode-in-registers GEMV kernels; beyond it they
 // dequantize W and use cuBLAS through at::mm.
 constexpr int64_t kGemvMaxRows = 16;
-
-FloatKind kind_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return FloatKind::f32;
-    case at::kHalf:
-      return FloatKind::f16;
-    case at::kBFloat16:
-      return FloatKind::bf16;
-    default:
-      TORCH_CHECK(false, "peftx nf4: unsupported dtype ", t);
-  }
-}
-
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 void check_finite_absmax(const char* op, const at::Tensor& absmax) {
   TORCH_CHECK(at::isfinite(absmax).all().item<bool>(), op,
@@ -46,8 +32,8 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& weight, i
   const int64_t n = w.numel();
   at::Tensor packed = at::empty({(n + 1) / 2, 1}, w.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({num_blocks(n, blocksize)}, w.options().dtype(at::kFloat));
-  C10_CUDA_CHECK(launch_nf4_quantize(kind_of(w.scalar_type()), w.const_data_ptr(), n, blocksize,
-                                     packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), stream()));
+  C10_CUDA_CHECK(launch_nf4_quantize(kind_of(w.scalar_type(), "peftx nf4"), w.const_data_ptr(), n, blocksize,
+                                     packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), current_stream()));
   if (n > 0) check_finite_absmax(op, absmax);
   return {packed, absmax};
 }
@@ -65,9 +51,9 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absma
   const c10::cuda::CUDAGuard guard(packed.device());
   const at::Tensor pk = packed.contiguous(), am = absmax.contiguous(), cd = code.contiguous();
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
-  C10_CUDA_CHECK(launch_nf4_dequantize(kind_of(dtype), pk.const_data_ptr<uint8_t>(),
+  C10_CUDA_CHECK(launch_nf4_dequantize(kind_of(dtype, "peftx nf4"), pk.const_data_ptr<uint8_t>(),
                                        am.const_data_ptr<float>(), cd.const_data_ptr<float>(),
-                                       blocksize, n, out.data_ptr(), stream()));
+                                       blocksize, n, out.data_ptr(), current_stream()));
   return out;
 }
 
@@ -84,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cuda(const at
   at::Tensor nested = at::empty({num_blocks(n, blocksize)}, absmax.options());
   C10_CUDA_CHECK(launch_nf4_double_quantize(centered.const_data_ptr<float>(), n, blocksize,
                                             cd.const_data_ptr<float>(), q.data_ptr<uint8_t>(),
-                                            nested.data_ptr<float>(), stream()));
+                                            nested.data_ptr<float>(), current_stream()));
   return {q, nested, offset};
 }
 
@@ -99,7 +85,7 @@ at::Tensor nf4_double_dequantize_cuda(const at::Tensor& qabsmax, const at::Tenso
   at::Tensor out = at::empty({n}, nested_absmax.options());
   C10_CUDA_CHECK(launch_nf4_double_dequantize(q.const_data_ptr<uint8_t>(), na.const_data_ptr<float>(),
                                               cd.const_data_ptr<float>(), off.const_data_ptr<float>(),
-                                              blocksize, n, out.data_ptr<float>(), stream()));
+                                              blocksize, n, out.data_ptr<float>(), current_stream()));
   return out;
 }
 
@@ -118,16 +104,16 @@ at::Tensor nf4_matmul_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   at::Tensor out;
   if (M <= kGemvMaxRows) {
     at::Tensor y = at::empty({M, N}, x2.options().dtype(at::kFloat));
-    C10_CUDA_CHECK(launch_nf4_gemv(kind_of(x2.scalar_type()), x2.const_data_ptr(), M, K, N,
+    C10_CUDA_CHECK(launch_nf4_gemv(kind_of(x2.scalar_type(), "peftx nf4"), x2.const_data_ptr(), M, K, N,
                                    pk.const_data_ptr<uint8_t>(), am.const_data_ptr<float>(),
                                    cd.const_data_ptr<float>(), blocksize, y.data_ptr<float>(),
-                                   stream()));
+                                   current_stream()));
     out = y.to(x2.scalar_type());
   } else {
     at::Tensor w = at::empty({N, K}, x2.options());
-    C10_CUDA_CHECK(launch_nf4_dequantize(kind_of(x2.scalar_type()), pk.const_data_ptr<uint8_t>(),
+    C10_CUDA_CHECK(launch_nf4_dequantize(kind_of(x2.scalar_type(), "peftx nf4"), pk.const_data_ptr<uint8_t>(),
                                          am.const_data_ptr<float>(), cd.const_data_ptr<float>(),
-                                         blocksize, N * K, w.data_ptr(), stream()));
+                                         blocksize, N * K, w.data_ptr(), current_stream()));
     out = at::mm(x2, w.t());
   }
   if (bias.has_value()) out.add_(bias->to(out.scalar_type()));
@@ -147,16 +133,16 @@ at::Tensor nf4_matmul_t_cuda(const at::Tensor& grad, const at::Tensor& packed, c
   at::Tensor out;
   if (M <= kGemvMaxRows) {
     at::Tensor dx = at::empty({M, K}, g2.options().dtype(at::kFloat));
-    C10_CUDA_CHECK(launch_nf4_gemv_t(kind_of(g2.scalar_type()), g2.const_data_ptr(), M, N, K,
+    C10_CUDA_CHECK(launch_nf4_gemv_t(kind_of(g2.scalar_type(), "peftx nf4"), g2.const_data_ptr(), M, N, K,
                                      pk.const_data_ptr<uint8_t>(), am.const_data_ptr<float>(),
                                      cd.const_data_ptr<float>(), blocksize, dx.data_ptr<float>(),
-                                     stream()));
+                                     current_stream()));
     out = dx.to(g2.scalar_type());
   } else {
     at::Tensor w = at::empty({N, K}, g2.options());
-    C10_CUDA_CHECK(launch_nf4_dequantize(kind_of(g2.scalar_type()), pk.const_data_ptr<uint8_t>(),
+    C10_CUDA_CHECK(launch_nf4_dequantize(kind_of(g2.scalar_type(), "peftx nf4"), pk.const_data_ptr<uint8_t>(),
                                          am.const_data_ptr<float>(), cd.const_data_ptr<float>(),
-                                         blocksize, N * K, w.data_ptr(), stream()));
+                                         blocksize, N * K, w.data_ptr(), current_stream()));
     out = at::mm(g2, w);
   }
   return out.reshape(leading_shape(grad, K));

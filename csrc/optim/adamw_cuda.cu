@@ -49,22 +49,6 @@ __global__ void __launch_bounds__(kThreads) adamw8_kernel(const AdamW8Tensor* te
 
 namespace {
 
-template <typename Fn>
-cudaError_t with_kind(FloatKind kind, Fn&& fn) {
-  switch (kind) {
-    case FloatKind::f32:
-      fn(static_cast<float*>(nullptr));
-      break;
-    case FloatKind::f16:
-      fn(static_cast<f16_t*>(nullptr));
-      break;
-    case FloatKind::bf16:
-      fn(static_cast<bf16_t*>(nullptr));
-      break;
-  }
-  return cudaGetLastError();
-}
-
 template <typename P>
 using pointee = std::remove_pointer_t<P>;
 
@@ -73,7 +57,7 @@ using pointee = std::remove_pointer_t<P>;
 cudaError_t launch_adamw(FloatKind kind, const AdamWTensor* tensors, const WorkItem* items, int64_t n_items,
                          AdamWHyper h, cudaStream_t stream) {
   if (n_items == 0) return cudaSuccess;
-  return with_kind(kind, [&](auto tag) {
+  return with_float_kind(kind, [&](auto tag) {
     using T = pointee<decltype(tag)>;
     adamw_kernel<T><<<static_cast<unsigned int>(n_items), kThreads, 0, stream>>>(tensors, items, h);
   });
@@ -82,7 +66,7 @@ cudaError_t launch_adamw(FloatKind kind, const AdamWTensor* tensors, const WorkI
 cudaError_t launch_adamw8(FloatKind kind, const AdamW8Tensor* tensors, const WorkItem* items, int64_t n_items,
                           AdamWHyper h, const QuantTables* tables, cudaStream_t stream) {
   if (n_items == 0) return cudaSuccess;
-  return with_kind(kind, [&](auto tag) {
+  return with_float_kind(kind, [&](auto tag) {
     using T = pointee<decltype(tag)>;
     adamw8_kernel<T><<<static_cast<unsigned int>(n_items), kThreads, 0, stream>>>(tensors, items, h, tables);
   });

@@ -12,25 +12,13 @@
 #include <mutex>
 #include <vector>
 
+#include "common/cuda_reg.h"
 #include "optim/adamw_cuda.h"
 #include "optim/adamw_host.h"
 
 namespace peftx {
 namespace optim {
 namespace {
-
-FloatKind kind_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return FloatKind::f32;
-    case at::kHalf:
-      return FloatKind::f16;
-    case at::kBFloat16:
-      return FloatKind::bf16;
-    default:
-      TORCH_CHECK(false, "peftx adamw: unsupported dtype ", t);
-  }
-}
 
 // The launch's tensor structs followed by its work items, in one device buffer (staged through
 // pinned memory; the caching host allocator keeps the staging buffer until the copy has run).
@@ -83,7 +71,7 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     const at::Tensor meta = upload(prep.groups[k], items, dev);
     const uint8_t* base = meta.const_data_ptr<uint8_t>();
     const size_t off = (prep.groups[k].size() * sizeof(AdamWTensor) + 15) / 16 * 16;
-    C10_CUDA_CHECK(launch_adamw(kind_of(prep.dtypes[k]), reinterpret_cast<const AdamWTensor*>(base),
+    C10_CUDA_CHECK(launch_adamw(kind_of(prep.dtypes[k], "peftx adamw"), reinterpret_cast<const AdamWTensor*>(base),
                                 reinterpret_cast<const WorkItem*>(base + off), static_cast<int64_t>(items.size()), h,
                                 stream));
   }
@@ -111,7 +99,7 @@ void adamw8bit_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
     const at::Tensor meta = upload(prep.groups[k], items, dev);
     const uint8_t* base = meta.const_data_ptr<uint8_t>();
     const size_t off = (prep.groups[k].size() * sizeof(AdamW8Tensor) + 15) / 16 * 16;
-    C10_CUDA_CHECK(launch_adamw8(kind_of(prep.dtypes[k]), reinterpret_cast<const AdamW8Tensor*>(base),
+    C10_CUDA_CHECK(launch_adamw8(kind_of(prep.dtypes[k], "peftx adamw"), reinterpret_cast<const AdamW8Tensor*>(base),
                                  reinterpret_cast<const WorkItem*>(base + off), static_cast<int64_t>(items.size()), h,
                                  tables, stream));
   }
