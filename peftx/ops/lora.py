@@ -54,10 +54,6 @@ def lora_multi_fwd(x, base_out, lora_A, lora_B, scalings, adapter_ids):
 
 # --- fakes ------------------------------------------------------------------------------------
 
-def _out_features(weight, absmax, lora_B):
-    return lora_B.shape[0]
-
-
 @torch.library.register_fake("peftx::lora_linear_fwd")
 def _(x, weight, absmax, code, blocksize, bias, lora_A, lora_B, scaling, dropout_p, seed):
     torch._check(x.dim() >= 1, lambda: "lora_linear_fwd: x must have at least 1 dimension")
@@ -65,7 +61,7 @@ def _(x, weight, absmax, code, blocksize, bias, lora_A, lora_B, scaling, dropout
                  lambda: f"lora_linear_fwd: lora_A must have shape [r, {x.shape[-1]}], got {tuple(lora_A.shape)}")
     torch._check(lora_B.dim() == 2 and lora_B.shape[1] == lora_A.shape[0],
                  lambda: f"lora_linear_fwd: lora_B must have shape [out_features, r], got {tuple(lora_B.shape)}")
-    tokens = x.numel() // max(x.shape[-1], 1) if x.shape[-1] != 0 else torch.Size(x.shape[:-1]).numel()
+    tokens = torch.Size(x.shape[:-1]).numel()
     return (x.new_empty((*x.shape[:-1], lora_B.shape[0])), x.new_empty((tokens, lora_A.shape[0])))
 
 

@@ -65,13 +65,8 @@ class LoraModel(nn.Module):
             r = pattern_value(config.rank_pattern, name, config.r)
             alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
             if isinstance(target, LORA_LAYERS):
-                if isinstance(target, LoraEmbedding):
-                    target.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora,
-                                       config.init_lora_weights)
-                else:
-                    target.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora,
-                                       config.init_lora_weights)
-                    target.set_adapter(target.active_adapters)
+                target.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora,
+                                   config.init_lora_weights)
                 continue
             parent, child = get_parent(self.model, name)
             setattr(parent, child, make_lora_layer(target, adapter_name, r, alpha, config))
@@ -108,11 +103,8 @@ class LoraModel(nn.Module):
             if n not in self.peft_config:
                 raise ValueError(f"adapter_name: unknown adapter {n!r}; this model has {sorted(self.peft_config)}")
         for m in self.lora_layers():
-            present = [n for n in names if n in m.adapters]
-            if isinstance(m, LoraEmbedding):
-                m.active_adapters = present
-            else:
-                m.active_adapters = present
+            m.active_adapters = [n for n in names if n in m.adapters]
+            if isinstance(m, LoraLayer):
                 m._sync_requires_grad()
         for m in self.model.modules():
             if isinstance(m, ModulesToSaveWrapper):
