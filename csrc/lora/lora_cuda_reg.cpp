@@ -2,6 +2,7 @@
 // at::mm and the element-wise kernels of lora_cuda.cu. Unlike the CPU kernels, the dropout passes
 // materialise D(x) as a transient (freed before the op returns, never saved for backward).
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -74,6 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cuda(
 at::Tensor lora_multi_fwd_cuda(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,
                                const at::Tensor& lora_B, const at::Tensor& scalings,
                                const at::Tensor& adapter_ids) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // forward-only op: see lora_multi_cpu.cpp
   const at::Tensor x2 = check_multi_args("lora_multi_fwd", x, base_out, lora_A, lora_B, scalings, adapter_ids);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x2.size(0), K = x2.size(1), R = lora_A.size(1), N = lora_B.size(1);

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -192,6 +193,9 @@ at::Tensor lora_multi_fwd_cpu(const at::Tensor& x, const at::Tensor& base_out, c
                               const at::Tensor& lora_B, const at::Tensor& scalings,
                               const at::Tensor& adapter_ids) {
   constexpr const char* op = "lora_multi_fwd";
+  // A forward-only op (no autograd formula): its inner ATen calls run as plain kernels even where the
+  // caller's stacked adapters require grad (some torch versions dispatch this op above autograd).
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor x2 = check_multi_args(op, x, base_out, lora_A, lora_B, scalings, adapter_ids);
   const int64_t M = x2.size(0), n = lora_A.size(0), N = lora_B.size(1);
   at::Tensor y = base_out.reshape({M, N}).clone(at::MemoryFormat::Contiguous);

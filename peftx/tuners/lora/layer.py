@@ -209,7 +209,8 @@ class LoraLayer(nn.Module):
         return y
 
     def _mixed_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
-        """Each sample (first dimension of x) uses its own adapter; ``"__base__"`` means none."""
+        """Each sample (first dimension of x) uses its own adapter; ``"__base__"`` means none.
+        Inference only, as in HF PEFT: no gradient flows to the adapters."""
         if x.dim() < 2 or len(adapter_names) != x.shape[0]:
             raise ValueError(f"adapter_names must have one name per sample: {x.shape[0] if x.dim() >= 2 else 0} "
                              f"for x of shape {tuple(x.shape)}, got {len(adapter_names)}")
@@ -226,12 +227,14 @@ class LoraLayer(nn.Module):
         cd = self._compute_dtype(x)
         index = {n: i for i, n in enumerate(used)}
         rmax = max(self.adapters[n].r for n in used)
-        A = x.new_zeros((len(used), rmax, self.in_features), dtype=cd)
-        B = x.new_zeros((len(used), self.out_features, rmax), dtype=cd)
-        for n, i in index.items():
-            r = self.adapters[n].r
-            A[i, :r] = self.lora_A[n].weight.to(cd)
-            B[i, :, :r] = self.lora_B[n].weight.to(cd)
+        # Mixed batches are inference: the stacked factors are copies outside autograd.
+        with torch.no_grad():
+            A = x.new_zeros((len(used), rmax, self.in_features), dtype=cd)
+            B = x.new_zeros((len(used), self.out_features, rmax), dtype=cd)
+            for n, i in index.items():
+                r = self.adapters[n].r
+                A[i, :r] = self.lora_A[n].weight.to(cd)
+                B[i, :, :r] = self.lora_B[n].weight.to(cd)
         scalings = torch.tensor([self.adapters[n].scaling for n in used], dtype=torch.float32, device=x.device)
         per_sample = torch.tensor([index.get(n, -1) for n in adapter_names], dtype=torch.int64, device=x.device)
         ids = per_sample.repeat_interleave(x[0].numel() // self.in_features)
