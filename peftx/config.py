@@ -24,7 +24,21 @@ class TaskType(str, enum.Enum):
 
 
 class PeftType(str, enum.Enum):
+    """Method names as HF PEFT writes them to adapter_config.json (the peftx-only methods have names
+    HF PEFT does not use)."""
     LORA = "LORA"
+    ADALORA = "ADALORA"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    IA3 = "IA3"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    P_TUNING = "P_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    MULTITASK_PROMPT_TUNING = "MULTITASK_PROMPT_TUNING"
+    BITFIT = "BITFIT"            # peftx only
+    BOTTLENECK = "BOTTLENECK"    # peftx only: bottleneck adapters (Houlsby / Pfeiffer)
+    MAM = "MAM"                  # peftx only: prefix tuning + parallel adapter
+    UNIPELT = "UNIPELT"          # peftx only: gated LoRA + prefix + adapter
 
 
 @dataclass
@@ -36,6 +50,11 @@ class PeftConfig:
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "The base model the adapter is for."})
     revision: str | None = field(default=None, metadata={"help": "The base model's revision."})
     peft_type: PeftType | str | None = field(default=None, metadata={"help": "The method; set by each config."})
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """Prompt methods (prompt/prefix/P-tuning) add virtual tokens instead of wrapping modules."""
+        return False
 
     def __post_init__(self):
         if self.task_type is not None:

@@ -1,5 +1,6 @@
 """PeftModel and its task subclasses: the model-level API of HF PEFT (same attribute layout
-``base_model.model.…``, same state-dict keys, same file format), over peftx's LoRA layers."""
+``base_model.model.…``, same state-dict keys, same file format), over any registered method's tuner
+(peftx/tuners/registry.py)."""
 
 from __future__ import annotations
 
@@ -10,33 +11,29 @@ import os
 import torch
 from torch import nn
 
-from peftx.config import PeftConfig, PeftType, TaskType
+import peftx.tuners  # noqa: F401  (registers every method)
+from peftx.config import PeftConfig, TaskType
 from peftx.save_load import adapter_state_dict, load_tensors, save_tensors_atomic, to_model_key
-from peftx.tuners.lora.config import LoraConfig
 from peftx.tuners.lora.embedding import LoraEmbedding
 from peftx.tuners.lora.layer import LoraLayer
-from peftx.tuners.lora.model import LoraModel
+from peftx.tuners.registry import config_from_dict, method_of
+from peftx.tuners.targets import ADAPTER_PREFIXES
 from peftx.utils_modules import ModulesToSaveWrapper, get_parent
 from peftx.quant.linear4bit import Linear4bit
 
 logger = logging.getLogger(__name__)
 
-CONFIG_CLASSES = {PeftType.LORA.value: LoraConfig}
+__all__ = ["PeftModel", "TASK_CLASSES", "check_adapter_name", "config_from_dict"]
 
 
 def check_adapter_name(name) -> None:
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter_name must be a non-empty string without '.', got {name!r}")
-    if name.startswith("lora") or name in ("base_layer", "original_module", "modules_to_save"):
-        raise ValueError(f"adapter_name {name!r} collides with a LoRA module prefix or attribute "
-                         "(names starting with 'lora', 'base_layer', 'modules_to_save'); pick another name")
-
-
-def config_from_dict(data: dict) -> PeftConfig:
-    peft_type = data.get("peft_type")
-    if peft_type not in CONFIG_CLASSES:
-        raise ValueError(f"unknown peft_type {peft_type!r} in the adapter config; peftx loads {sorted(CONFIG_CLASSES)}")
-    return CONFIG_CLASSES[peft_type].from_dict(data)
+    prefixes = sorted(p.rstrip("_") for p in ADAPTER_PREFIXES)
+    if name.startswith(tuple(prefixes)) or name in ("base_layer", "original_module", "modules_to_save"):
+        raise ValueError(f"adapter_name {name!r} collides with an adapter module prefix or attribute "
+                         f"(names starting with {prefixes}, 'base_layer', 'original_module', "
+                         "'modules_to_save'); pick another name")
 
 
 class PeftModel(nn.Module):
@@ -47,15 +44,16 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default"):
         super().__init__()
         check_adapter_name(adapter_name)
-        if not isinstance(peft_config, LoraConfig):
-            raise TypeError(f"peft_config must be a peftx LoraConfig, got {type(peft_config).__name__}")
+        method = method_of(peft_config)
+        self.peft_type = peft_config.peft_type
         self.peft_config: dict[str, PeftConfig] = {adapter_name: peft_config}
         self.active_adapter = adapter_name
         self.modules_to_save: set[str] = set()
         self._wrapper_names: list[str] = []
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
-        self.base_model = LoraModel(model, self.peft_config, adapter_name, skip=self._heads_to_save(model, peft_config))
+        self.base_model = method.tuner_cls(model, self.peft_config, adapter_name,
+                                           skip=self._heads_to_save(model, peft_config))
         self._set_modules_to_save(adapter_name)
 
     def __getattr__(self, name):
@@ -148,8 +146,11 @@ class PeftModel(nn.Module):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter_name {adapter_name!r} already exists; delete_adapter() it first")
-        if not isinstance(peft_config, LoraConfig):
-            raise TypeError(f"peft_config must be a peftx LoraConfig, got {type(peft_config).__name__}")
+        method_of(peft_config)
+        if peft_config.peft_type != self.peft_type:
+            raise ValueError(f"peft_config: this model's adapters are {getattr(self.peft_type, 'value', self.peft_type)}; "
+                             f"an adapter of type {getattr(peft_config.peft_type, 'value', peft_config.peft_type)} "
+                             "cannot be added to it (one method per PeftModel, as HF PEFT)")
         self.peft_config[adapter_name] = peft_config
         try:
             self.base_model.inject_adapter(adapter_name, skip=set(self._heads_to_save(self.base_model.model, peft_config))
@@ -175,6 +176,8 @@ class PeftModel(nn.Module):
 
     def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", svd_rank=None):
         check_adapter_name(adapter_name)
+        if not hasattr(self.base_model, "add_weighted_adapter"):
+            raise ValueError(f"add_weighted_adapter is not supported for {type(self.base_model).__name__} adapters")
         self.base_model.add_weighted_adapter(adapters, weights, adapter_name, combination_type, svd_rank)
 
     def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
@@ -206,6 +209,15 @@ class PeftModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # --- save / load -------------------------------------------------------------------------------
+    def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The tensors saved for one adapter, keyed as in HF PEFT's files (its get_peft_model_state_dict)."""
+        name = self.active_adapter if adapter_name is None else adapter_name
+        if name not in self.peft_config:
+            raise ValueError(f"adapter_name: unknown adapter {name!r}; this model has {sorted(self.peft_config)}")
+        config = self.peft_config[name]
+        return adapter_state_dict(self, name, self.base_model.prefix,
+                                  lambda k: self.base_model.extra_saved_keys(k, config), self._wrapper_prefixes)
+
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
                         **kwargs) -> None:
         """Writes each adapter (only the adapter) in HF PEFT's format; non-default adapters go to
@@ -219,7 +231,7 @@ class PeftModel(nn.Module):
         for n in names:
             config = self.peft_config[n]
             out_dir = save_directory if n == "default" else os.path.join(save_directory, n)
-            tensors = adapter_state_dict(self, n, config.bias, self._wrapper_prefixes)
+            tensors = self.get_adapter_state_dict(n)
             save_tensors_atomic(os.path.join(out_dir, "adapter_model.safetensors"), tensors)
             inference_mode = config.inference_mode
             config.inference_mode = True
@@ -263,7 +275,7 @@ class PeftModel(nn.Module):
         mapped = {}
         unexpected = []
         for key, value in tensors.items():
-            target = to_model_key(key, adapter_name, prefixes)
+            target = to_model_key(key, adapter_name, self.base_model.prefix, prefixes)
             if target not in own:
                 unexpected.append(key)
                 continue
@@ -276,8 +288,7 @@ class PeftModel(nn.Module):
             raise ValueError(f"adapter {os.fspath(source)!r} has tensors with no place in this model "
                              f"({len(unexpected)}, e.g. {unexpected[:3]}): it was trained for another architecture "
                              "or other target_modules")
-        tag = f".{adapter_name}"
-        missing = [k for k in own if ("lora_" in k and (tag + "." in k or k.endswith(tag))
+        missing = [k for k in own if (self.base_model.is_adapter_key(k, adapter_name)
                                       or f".modules_to_save.{adapter_name}." in k) and k not in mapped]
         if missing:
             raise ValueError(f"adapter {os.fspath(source)!r} lacks {len(missing)} tensors this model expects "

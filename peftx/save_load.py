@@ -5,8 +5,8 @@ file), and read back without unpickling anything."""
 from __future__ import annotations
 
 import os
-import re
 import tempfile
+from collections.abc import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -14,8 +14,6 @@ from safetensors.torch import load_file, save_file
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin")
-_LORA_MODULE = re.compile(r"\.(lora_A|lora_B)\.")
-_LORA_PARAM = re.compile(r"\.(lora_embedding_A|lora_embedding_B)$")
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -65,36 +63,51 @@ def load_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def adapter_state_dict(model: torch.nn.Module, adapter_name: str, bias: str,
-                       wrapper_prefixes: list[str]) -> dict[str, torch.Tensor]:
-    """The tensors HF PEFT saves for one LoRA adapter of a PeftModel, keyed as in its files."""
+def _adapter_part(parts: list[str], prefix: str) -> int:
+    """Index of the key component naming the adapter's module or parameter (the last one starting
+    with the method's prefix, e.g. 'lora_A', 'hada_w1_a'), or -1."""
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].startswith(prefix):
+            return i
+    return -1
+
+
+def adapter_state_dict(model: torch.nn.Module, adapter_name: str, prefix: str,
+                       extra_key: Callable[[str], bool], wrapper_prefixes: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors HF PEFT saves for one adapter of a PeftModel, keyed as in its files: keys holding
+    the method's ``prefix`` with the adapter-name component removed; keys for which ``extra_key``
+    holds (LoRA's bias option) with the adapter name stripped; modules_to_save copies under their wrapper's name."""
     sd = model.state_dict()
     out = {}
-    tag = f".{adapter_name}"
     for k, v in sd.items():
-        is_lora = ("lora_" in k) and (f"{tag}." in k or k.endswith(tag))
-        # bias='all' takes every '.bias' key, wrapper copies included, exactly as HF PEFT does.
-        if is_lora or (bias == "all" and k.endswith(".bias")) or (bias == "lora_only" and k.endswith(".base_layer.bias")):
-            out[k.replace(tag + ".", ".") if f"{tag}." in k else k.removesuffix(tag) if k.endswith(tag) else k] = v
-    for prefix in wrapper_prefixes:
-        inner = f"{prefix}.modules_to_save.{adapter_name}."
+        parts = k.split(".")
+        i = _adapter_part(parts, prefix) if prefix else -1
+        if i >= 0 and i + 1 < len(parts) and parts[i + 1] == adapter_name:
+            out[".".join(parts[:i + 1] + parts[i + 2:])] = v
+        elif i >= 0 and i > 0 and parts[-1] == adapter_name and i == len(parts) - 2:
+            out[".".join(parts[:-1])] = v
+        elif extra_key(k):
+            out[k.replace(f".{adapter_name}.", ".")] = v  # HF PEFT strips the adapter name from every key
+    for wp in wrapper_prefixes:
+        inner = f"{wp}.modules_to_save.{adapter_name}."
         for k, v in sd.items():
             if k.startswith(inner):
-                out[prefix + "." + k[len(inner):]] = v
+                out[wp + "." + k[len(inner):]] = v
     return out
 
 
-def to_model_key(key: str, adapter_name: str, wrapper_prefixes: list[str]) -> str:
-    """Inverse of adapter_state_dict's key naming."""
-    if _LORA_MODULE.search(key):
-        return _LORA_MODULE.sub(lambda m: f".{m.group(1)}.{adapter_name}.", key, count=1)
-    if _LORA_PARAM.search(key):
-        return f"{key}.{adapter_name}"
-    for prefix in wrapper_prefixes:
-        if key.startswith(prefix + "."):
-            rest = key[len(prefix) + 1:]
+def to_model_key(key: str, adapter_name: str, prefix: str, wrapper_prefixes: list[str]) -> str:
+    """Inverse of adapter_state_dict's key naming (HF PEFT's rule: the adapter name goes right after
+    the component holding the prefix, or at the end when that component is the parameter)."""
+    for wp in wrapper_prefixes:
+        if key.startswith(wp + "."):
+            rest = key[len(wp) + 1:]
             if rest.startswith("original_module."):
                 return key
             rest = rest.removeprefix("modules_to_save.")
-            return f"{prefix}.modules_to_save.{adapter_name}.{rest}"
-    return key
+            return f"{wp}.modules_to_save.{adapter_name}.{rest}"
+    parts = key.split(".")
+    i = _adapter_part(parts, prefix) if prefix else -1
+    if i < 0:
+        return key
+    return ".".join(parts[:i + 1] + [adapter_name] + parts[i + 1:])

@@ -1,1 +1,8 @@
-"""PEFT methods, one folder each: config.py (dataclass) + layer modules [+ model.py]."""
+"""The PEFT methods, one package each; importing this registers them all (see registry.py)."""
+
+from peftx.config import PeftType
+from peftx.tuners.lora.config import LoraConfig
+from peftx.tuners.lora.model import LoraModel
+from peftx.tuners.registry import register_method
+
+register_method(PeftType.LORA, LoraConfig, LoraModel)

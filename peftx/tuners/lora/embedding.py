@@ -54,6 +54,17 @@ class LoraEmbedding(nn.Module):
                 raise ValueError(f"adapter_names: unknown adapter {n!r}; this layer has {sorted(self.adapters)}")
         self.active_adapters = names
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.adapters:
+            raise ValueError(f"adapter_name: unknown adapter {adapter_name!r}; this layer has {sorted(self.adapters)}")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before deleting it")
+        del self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name], self.adapters[adapter_name]
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.disable_adapters = not enabled
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scaling * (B A)^T`` [num_embeddings, dim] in fp32."""
         return (self.lora_embedding_B[adapter_name] @ self.lora_embedding_A[adapter_name]).t() * \

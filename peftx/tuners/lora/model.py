@@ -12,8 +12,8 @@ from peftx.quant.linear4bit import Linear4bit
 from peftx.tuners.lora.config import LoraConfig
 from peftx.tuners.lora.embedding import LoraEmbedding
 from peftx.tuners.lora.layer import LoraLayer, LoraLinear, LoraLinear4bit
-from peftx.tuners.lora.targets import _is_conv1d, pattern_value, select_targets
-from peftx.utils_modules import ModulesToSaveWrapper, get_parent
+from peftx.tuners.targets import _is_conv1d, pattern_value
+from peftx.tuners.tuner import BaseTuner
 
 LORA_LAYERS = (LoraLayer, LoraEmbedding)
 
@@ -35,49 +35,24 @@ def make_lora_layer(target: nn.Module, adapter_name: str, r: int, alpha: float, 
                      "torch.nn.Linear, torch.nn.Embedding, transformers Conv1D, peftx.Linear4bit")
 
 
-class LoraModel(nn.Module):
+class LoraModel(BaseTuner):
     prefix = "lora_"
+    layer_types = LORA_LAYERS
 
-    def __init__(self, model: nn.Module, peft_config: dict[str, LoraConfig], adapter_name: str,
-                 skip: set[str] = frozenset()):
-        super().__init__()
-        self.model = model
-        self.peft_config = peft_config
-        self.inject_adapter(adapter_name, skip)
+    def _create_layer(self, target: nn.Module, adapter_name: str, config: LoraConfig, name: str) -> nn.Module:
+        r, alpha = self._rank_alpha(config, name)
+        return make_lora_layer(target, adapter_name, r, alpha, config)
 
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
+    def _add_to_layer(self, layer: nn.Module, adapter_name: str, config: LoraConfig, name: str) -> None:
+        r, alpha = self._rank_alpha(config, name)
+        layer.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    @staticmethod
+    def _rank_alpha(config: LoraConfig, name: str) -> tuple[int, float]:
+        return (pattern_value(config.rank_pattern, name, config.r),
+                pattern_value(config.alpha_pattern, name, config.lora_alpha))
 
-    # --- injection -----------------------------------------------------------------------------
-    def inject_adapter(self, adapter_name: str, skip: set[str] = frozenset()) -> list[str]:
-        config = self.peft_config[adapter_name]
-        targets = select_targets(self.model, config, skip=set(skip))
-        for name in targets:
-            target = self.model.get_submodule(name)
-            r = pattern_value(config.rank_pattern, name, config.r)
-            alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
-            if isinstance(target, LORA_LAYERS):
-                target.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora,
-                                   config.init_lora_weights)
-                continue
-            parent, child = get_parent(self.model, name)
-            setattr(parent, child, make_lora_layer(target, adapter_name, r, alpha, config))
-        self._mark_trainable(adapter_name)
-        return targets
-
-    def _mark_trainable(self, adapter_name: str) -> None:
-        config = self.peft_config[adapter_name]
-        for name, p in self.model.named_parameters():
-            if self.prefix not in name and ".modules_to_save." not in name:
-                p.requires_grad_(False)
+    def _mark_extra_trainable(self, config: LoraConfig) -> None:
         if config.bias == "all":
             for name, p in self.model.named_parameters():
                 if name == "bias" or name.endswith(".bias"):
@@ -86,81 +61,14 @@ class LoraModel(nn.Module):
             for m in self.model.modules():
                 if isinstance(m, LORA_LAYERS) and getattr(m.base_layer, "bias", None) is not None:
                     m.base_layer.bias.requires_grad_(True)
-        self.set_adapter(self.active_adapters_or(adapter_name))
 
-    def active_adapters_or(self, default: str) -> list[str]:
-        for m in self.lora_layers():
-            return m.active_adapters or [default]
-        return [default]
+    def extra_saved_keys(self, key: str, config: LoraConfig) -> bool:
+        # bias='all' takes every '.bias' key, wrapper copies included, exactly as HF PEFT does.
+        return (config.bias == "all" and key.endswith(".bias")) or \
+            (config.bias == "lora_only" and key.endswith(".base_layer.bias"))
 
-    # --- model-wide adapter state -----------------------------------------------------------------
     def lora_layers(self):
-        return [m for m in self.model.modules() if isinstance(m, LORA_LAYERS)]
-
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        for n in names:
-            if n not in self.peft_config:
-                raise ValueError(f"adapter_name: unknown adapter {n!r}; this model has {sorted(self.peft_config)}")
-        for m in self.lora_layers():
-            m.active_adapters = [n for n in names if n in m.adapters]
-            if isinstance(m, LoraLayer):
-                m._sync_requires_grad()
-        for m in self.model.modules():
-            if isinstance(m, ModulesToSaveWrapper):
-                m.set_adapter(names[0])
-        for n, config in self.peft_config.items():
-            if config.inference_mode:
-                self._freeze(n)
-
-    def _freeze(self, adapter_name: str) -> None:
-        for name, p in self.model.named_parameters():
-            if f".{adapter_name}." in name + "." and (self.prefix in name or ".modules_to_save." in name):
-                p.requires_grad_(False)
-
-    def enable_adapter_layers(self, enabled: bool = True) -> None:
-        for m in self.model.modules():
-            if isinstance(m, LoraLayer):
-                m.enable_adapters(enabled)
-            elif isinstance(m, (LoraEmbedding, ModulesToSaveWrapper)):
-                m.disable_adapters = not enabled
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"adapter_name: unknown adapter {adapter_name!r}; this model has {sorted(self.peft_config)}")
-        for m in self.lora_layers():
-            if adapter_name in m.adapters:
-                if isinstance(m, LoraEmbedding):
-                    del m.lora_embedding_A[adapter_name], m.lora_embedding_B[adapter_name], m.adapters[adapter_name]
-                    m.active_adapters = [n for n in m.active_adapters if n != adapter_name]
-                else:
-                    m.delete_adapter(adapter_name)
-        for m in self.model.modules():
-            if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save:
-                del m.modules_to_save[adapter_name]
-        del self.peft_config[adapter_name]
-
-    # --- merge and unload --------------------------------------------------------------------------
-    def _replace_wrappers(self, merge: bool, adapter_names: list[str] | None = None) -> nn.Module:
-        for name, m in list(self.model.named_modules()):
-            if isinstance(m, LORA_LAYERS):
-                if merge:
-                    m.merge(adapter_names)
-                parent, child = get_parent(self.model, name)
-                setattr(parent, child, m.base_layer)
-            elif isinstance(m, ModulesToSaveWrapper):
-                parent, child = get_parent(self.model, name)
-                setattr(parent, child, m.modules_to_save[m.active_adapter] if m.active_adapter in m.modules_to_save
-                        else m.original_module)
-        return self.model
-
-    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merges the active adapters into the base weights and returns the plain base model."""
-        return self._replace_wrappers(True, adapter_names)
-
-    def unload(self) -> nn.Module:
-        """Removes every LoRA layer without merging and returns the original base model."""
-        return self._replace_wrappers(False)
+        return self.adapter_layers()
 
     # --- weighted combinations ---------------------------------------------------------------------
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,

@@ -1,6 +1,6 @@
-"""Which modules of a model a LoraConfig targets: HF PEFT's matching rules (exact name or '.'-suffix,
+"""Which modules of a model a tuner config targets: HF PEFT's matching rules (exact name or '.'-suffix,
 a regex string with full match, 'all-linear', exclude_modules, layers_to_transform, rank/alpha
-patterns) and its default targets per architecture."""
+patterns) and LoRA's default targets per architecture (other methods pass their own table)."""
 
 from __future__ import annotations
 
@@ -37,13 +37,17 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Linear4bit)) or _is_conv1d(module)
 
 
-def default_target_modules(model: nn.Module) -> list[str]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGET_MODULES:
+def model_type_of(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def default_target_modules(model: nn.Module, defaults: dict[str, list[str]] | None = None) -> list[str]:
+    defaults = DEFAULT_TARGET_MODULES if defaults is None else defaults
+    model_type = model_type_of(model)
+    if model_type not in defaults:
         raise ValueError(f"target_modules was not given and peftx has no default for model_type {model_type!r}; "
-                         f"pass target_modules (names, a regex, or 'all-linear'). Known: "
-                         f"{sorted(DEFAULT_TARGET_MODULES)}")
-    return list(DEFAULT_TARGET_MODULES[model_type])
+                         f"pass target_modules (names, a regex, or 'all-linear'). Known: {sorted(defaults)}")
+    return list(defaults[model_type])
 
 
 def _matches(spec, key: str) -> bool:
@@ -55,9 +59,9 @@ def _matches(spec, key: str) -> bool:
 
 
 def _layer_ok(config, key: str) -> bool:
-    if config.layers_to_transform is None:
+    if getattr(config, "layers_to_transform", None) is None:
         return True
-    patterns = config.layers_pattern
+    patterns = getattr(config, "layers_pattern", None)
     if patterns is None:
         m = _LAYER_INDEX.match(key)
     else:
@@ -70,9 +74,13 @@ def _layer_ok(config, key: str) -> bool:
     return m is not None and int(m.group(1)) in config.layers_to_transform
 
 
+# Name prefixes of the sub-modules every tuner puts inside the layers it wraps (tuners add theirs).
+ADAPTER_PREFIXES: set[str] = {"lora_"}
+
+
 def _is_adapter_internal(name: str) -> bool:
     # Modules that belong to adapters already in the model: never targets themselves.
-    return any(p in ("base_layer", "original_module", "modules_to_save") or p.startswith("lora_")
+    return any(p in ("base_layer", "original_module", "modules_to_save") or p.startswith(tuple(ADAPTER_PREFIXES))
                for p in name.split("."))
 
 
@@ -88,10 +96,12 @@ def _under(name: str, heads) -> bool:
     return any(h.split(".") == parts[i:i + len(h.split("."))] for h in heads for i in range(len(parts)))
 
 
-def select_targets(model: nn.Module, config, skip: set[str] = frozenset()) -> list[str]:
+def select_targets(model: nn.Module, config, skip: set[str] = frozenset(),
+                   defaults: dict[str, list[str]] | None = None) -> list[str]:
     """Names of the modules the config adapts, never inside the ``skip`` heads (modules_to_save);
-    an error that lists close names if none match."""
-    spec = config.target_modules if config.target_modules is not None else default_target_modules(model)
+    an error that lists close names if none match. ``defaults``: the method's target table by
+    model_type, used when config.target_modules is None (LoRA's by default)."""
+    spec = config.target_modules if config.target_modules is not None else default_target_modules(model, defaults)
     all_linear = spec == "all-linear" or (isinstance(spec, list) and spec == ["all-linear"])
     outputs = output_layer_names(model) if all_linear else set()
     chosen = []
@@ -103,7 +113,7 @@ def select_targets(model: nn.Module, config, skip: set[str] = frozenset()) -> li
             hit = is_linear_like(module) and name.split(".")[-1] not in outputs and name not in outputs
         else:
             hit = _matches(spec, name)
-        if hit and not _matches(config.exclude_modules, name) and _layer_ok(config, name):
+        if hit and not _matches(getattr(config, "exclude_modules", None), name) and _layer_ok(config, name):
             chosen.append(name)
     if not chosen:
         wanted = [spec] if isinstance(spec, str) else list(spec)
