@@ -70,6 +70,29 @@ at::Tensor check_bwd_args(const char* op, const at::Tensor& grad, const at::Tens
   return grad.reshape({-1, N}).contiguous();
 }
 
+BwdParts lora_bwd_common(const char* op, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& u,
+                         const BaseWeight& base, const at::Tensor& lora_A_in, const at::Tensor& lora_B_in,
+                         double scaling, double dropout_p, bool need_dx, bool allow_double) {
+  BwdParts p;
+  p.x2 = check_lora_args(op, x, base, c10::nullopt, lora_A_in, lora_B_in, dropout_p, allow_double);
+  p.lora_A = lora_A_in.to(p.x2.scalar_type());
+  p.lora_B = lora_B_in.to(p.x2.scalar_type());
+  p.M = p.x2.size(0);
+  p.K = p.x2.size(1);
+  p.R = p.lora_A.size(0);
+  p.N = p.lora_B.size(0);
+  p.g2 = check_bwd_args(op, grad, x, u, p.M, p.R, p.N);
+  p.gBs = at::mm(p.g2, p.lora_B).mul_(scaling);  // shared by all three gradients
+  p.dB = at::mm(p.g2.t(), u.mul(scaling));
+  p.dx = need_dx ? base_input_grad(p.g2, base, p.K) : at::empty({0}, p.x2.options());
+  return p;
+}
+
+at::Tensor lora_bwd_no_dropout(BwdParts& p, bool need_dx) {
+  if (need_dx && p.M > 0) p.dx.addmm_(p.gBs, p.lora_A);
+  return at::mm(p.gBs.t(), p.x2);
+}
+
 at::Tensor check_multi_args(const char* op, const at::Tensor& x, const at::Tensor& base_out,
                             const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scalings,
                             const at::Tensor& adapter_ids) {

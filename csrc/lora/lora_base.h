@@ -43,6 +43,20 @@ at::Tensor base_forward(const at::Tensor& x2, const BaseWeight& base, int64_t ou
 // dx = g2 W  ([tokens, in], g2's dtype): the input gradient of the frozen base product.
 at::Tensor base_input_grad(const at::Tensor& g2, const BaseWeight& base, int64_t in_features);
 
+// The part of lora_linear_bwd every device shares (checks, gBs = s g B, dB, the base's dx) and,
+// without dropout, dA and dx += gBs A. Derivation: y = x W^T + s (D(x) A^T) B^T, u = D(x) A^T, so
+// with gBs = s g B:  dB = g^T (s u),  dA = gBs^T D(x),  dx = g W + D^T(gBs A)  (D: the dropout,
+// x * mask / (1 - p), whose transpose is the same elementwise scaling).
+struct BwdParts {
+  at::Tensor x2, lora_A, lora_B, g2, gBs, dB, dx;  // x2 [M, K]; lora_A/B in x's dtype; dx [M, K] or empty
+  int64_t M, K, R, N;
+};
+BwdParts lora_bwd_common(const char* op, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& u,
+                         const BaseWeight& base, const at::Tensor& lora_A_in, const at::Tensor& lora_B_in,
+                         double scaling, double dropout_p, bool need_dx, bool allow_double);
+// dA = gBs^T x and dx += gBs A (the dropout-free case, or M == 0).
+at::Tensor lora_bwd_no_dropout(BwdParts& p, bool need_dx);
+
 // Shape of the output for x [..., in] and `features` output columns.
 std::vector<int64_t> leading_shape_with(const at::Tensor& x, int64_t features);
 

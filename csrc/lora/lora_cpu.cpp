@@ -91,18 +91,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
     bool need_dx) {
   constexpr const char* op = "lora_linear_bwd";
   const BaseWeight base{weight, absmax, code, blocksize};
-  const at::Tensor x2 = check_lora_args(op, x, base, c10::nullopt, lora_A_in, lora_B_in, dropout_p, !base.is_nf4());
-  const at::Tensor lora_A = lora_A_in.to(x2.scalar_type()), lora_B = lora_B_in.to(x2.scalar_type());
-  const int64_t M = x2.size(0), K = x2.size(1), R = lora_A.size(0), N = lora_B.size(0);
-  const at::Tensor g2 = check_bwd_args(op, grad, x, u, M, R, N);
-  // Shared by all three gradients: gBs = s g B  [M, R].
-  const at::Tensor gBs = at::mm(g2, lora_B).mul_(scaling);
-  at::Tensor dB = at::mm(g2.t(), u.mul(scaling));
-  at::Tensor dx = need_dx ? base_input_grad(g2, base, K) : at::empty({0}, x2.options());
+  BwdParts p = lora_bwd_common(op, grad, x, u, base, lora_A_in, lora_B_in, scaling, dropout_p, need_dx,
+                               !base.is_nf4());
+  const at::Tensor &x2 = p.x2, &lora_A = p.lora_A, &gBs = p.gBs;
+  const int64_t M = p.M, K = p.K, R = p.R;
+  at::Tensor& dx = p.dx;
   at::Tensor dA;
   if (dropout_p == 0.0 || M == 0) {
-    dA = at::mm(gBs.t(), x2);
-    if (need_dx && M > 0) dx.addmm_(gBs, lora_A);
+    dA = lora_bwd_no_dropout(p, need_dx);
   } else {
     // Column chunks of x: dA[:, chunk] = gBs^T dropout(x)[:, chunk]; dx[:, chunk] += mask * (gBs A[:, chunk]).
     at::Tensor dAT = at::empty({K, R}, x2.options());
@@ -142,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
     });
     dA = dAT.t().contiguous();
   }
-  return {need_dx ? dx.view(x.sizes()) : dx, dA.to(lora_A_in.scalar_type()), dB.to(lora_B_in.scalar_type())};
+  return {need_dx ? dx.view(x.sizes()) : dx, dA.to(lora_A_in.scalar_type()), p.dB.to(lora_B_in.scalar_type())};
 }
 
 }  // namespace

@@ -48,28 +48,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cuda(
     bool need_dx) {
   constexpr const char* op = "lora_linear_bwd";
   const BaseWeight base{weight, absmax, code, blocksize};
-  const at::Tensor x2 = check_lora_args(op, x, base, c10::nullopt, lora_A_in, lora_B_in, dropout_p);
-  const at::Tensor lora_A = lora_A_in.to(x2.scalar_type()), lora_B = lora_B_in.to(x2.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t M = x2.size(0), K = x2.size(1), R = lora_A.size(0), N = lora_B.size(0);
-  const at::Tensor g2 = check_bwd_args(op, grad, x, u, M, R, N);
-  const at::Tensor gBs = at::mm(g2, lora_B).mul_(scaling);
-  at::Tensor dB = at::mm(g2.t(), u.mul(scaling));
-  at::Tensor dx = need_dx ? base_input_grad(g2, base, K) : at::empty({0}, x2.options());
+  BwdParts p = lora_bwd_common(op, grad, x, u, base, lora_A_in, lora_B_in, scaling, dropout_p, need_dx, false);
   at::Tensor dA;
-  if (dropout_p == 0.0 || M == 0) {
-    dA = at::mm(gBs.t(), x2);
-    if (need_dx && M > 0) dx.addmm_(gBs, lora_A);
+  if (dropout_p == 0.0 || p.M == 0) {
+    dA = lora_bwd_no_dropout(p, need_dx);
   } else {
     const Dropout d = make_dropout(static_cast<uint64_t>(seed), dropout_p);
-    dA = at::mm(gBs.t(), dropout_of(x2, d));
+    dA = at::mm(p.gBs.t(), dropout_of(p.x2, d));
     if (need_dx) {
-      const at::Tensor t = at::mm(gBs, lora_A);
-      C10_CUDA_CHECK(launch_lora_dropout_axpy(kind_of(x2.scalar_type(), "peftx lora"), t.const_data_ptr(), t.numel(), d,
-                                              dx.data_ptr(), current_stream()));
+      const at::Tensor t = at::mm(p.gBs, p.lora_A);
+      C10_CUDA_CHECK(launch_lora_dropout_axpy(kind_of(p.x2.scalar_type(), "peftx lora"), t.const_data_ptr(), t.numel(),
+                                              d, p.dx.data_ptr(), current_stream()));
     }
   }
-  return {need_dx ? dx.view(x.sizes()) : dx, dA.to(lora_A_in.scalar_type()), dB.to(lora_B_in.scalar_type())};
+  return {need_dx ? p.dx.view(x.sizes()) : p.dx, dA.to(lora_A_in.scalar_type()), p.dB.to(lora_B_in.scalar_type())};
 }
 
 at::Tensor lora_multi_fwd_cuda(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,
