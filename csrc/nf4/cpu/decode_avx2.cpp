@@ -1,8 +1,10 @@
 // AVX2 decode of NF4 weights (dequantize and GEMM tiles), bit-identical to the scalar table: 16
 // values per step from 8 packed bytes; a segment's last < 16 values and an odd start are scalar.
 #include <algorithm>
+#include <type_traits>
 
 #include "nf4/cpu/avx2.h"
+#include "nf4/cpu/dt_dispatch.h"
 #include "nf4/cpu/simd_avx2.h"
 #include "nf4/nf4_math.h"
 
@@ -35,14 +37,10 @@ PEFTX_AVX2 void decode_t(const Weight4& w, int64_t j0, int64_t j1, T* out) {
 }  // namespace
 
 void decode(const Weight4& w, int64_t j0, int64_t j1, Dt dt, void* out) {
-  switch (dt) {
-    case Dt::kF32:
-      return decode_t(w, j0, j1, static_cast<float*>(out));
-    case Dt::kBF16:
-      return decode_t(w, j0, j1, static_cast<bf16_t*>(out));
-    case Dt::kF16:
-      return decode_t(w, j0, j1, static_cast<f16_t*>(out));
-  }
+  with_dt(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    decode_t(w, j0, j1, static_cast<T*>(out));
+  });
 }
 
 }  // namespace avx2

@@ -2,8 +2,10 @@
 // absmax. Bit-identical to the scalar table: each value is one fp32 product code * absmax, then one
 // rounding to the output dtype.
 #include <algorithm>
+#include <type_traits>
 
 #include "nf4/cpu/avx512.h"
+#include "nf4/cpu/dt_dispatch.h"
 #include "nf4/cpu/simd_avx512.h"
 #include "nf4/nf4_math.h"
 
@@ -51,14 +53,10 @@ PEFTX_AVX512 void decode_t(const Weight4& w, int64_t j0, int64_t j1, T* out) {
 }  // namespace
 
 void decode(const Weight4& w, int64_t j0, int64_t j1, Dt dt, void* out) {
-  switch (dt) {
-    case Dt::kF32:
-      return decode_t(w, j0, j1, static_cast<float*>(out));
-    case Dt::kBF16:
-      return decode_t(w, j0, j1, static_cast<bf16_t*>(out));
-    case Dt::kF16:
-      return decode_t(w, j0, j1, static_cast<f16_t*>(out));
-  }
+  with_dt(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    decode_t(w, j0, j1, static_cast<T*>(out));
+  });
 }
 
 namespace {

@@ -1,7 +1,9 @@
 // The GemvX activation layout (kernels.h): converted once per call, read by every row.
 #include <algorithm>
+#include <type_traits>
 
 #include "common/host_device.h"
+#include "nf4/cpu/dt_dispatch.h"
 #include "nf4/cpu/kernels.h"
 
 namespace peftx {
@@ -42,14 +44,10 @@ void pack_from(const T* x, int64_t tokens, int64_t cols, int64_t ldx, int64_t ch
 
 void gemv_pack_x(const void* x, Dt dt, int64_t tokens, int64_t cols, int64_t ldx, int64_t chunk, bool bf16,
                  void* out) {
-  switch (dt) {
-    case Dt::kF32:
-      return pack_from(static_cast<const float*>(x), tokens, cols, ldx, chunk, bf16, out);
-    case Dt::kBF16:
-      return pack_from(static_cast<const bf16_t*>(x), tokens, cols, ldx, chunk, bf16, out);
-    case Dt::kF16:
-      return pack_from(static_cast<const f16_t*>(x), tokens, cols, ldx, chunk, bf16, out);
-  }
+  with_dt(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    pack_from(static_cast<const T*>(x), tokens, cols, ldx, chunk, bf16, out);
+  });
 }
 
 }  // namespace cpu

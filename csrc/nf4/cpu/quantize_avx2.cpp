@@ -1,7 +1,10 @@
 // AVX2 NF4 quantization, byte-equal to nf4_math.h's quantize_block: the same method as
 // quantize_avx512.cpp (integer max of sign-cleared bits; x * (1 / absmax); clamp; a 4-step binary
 // search over the midpoints, here with 8-entry tables per step) on 8 lanes.
+#include <type_traits>
+
 #include "nf4/cpu/avx2.h"
+#include "nf4/cpu/dt_dispatch.h"
 #include "nf4/cpu/simd_avx2.h"
 #include "nf4/nf4_math.h"
 
@@ -82,14 +85,10 @@ PEFTX_AVX2 void quantize_t(const T* w, int64_t n, int64_t blocksize, int64_t b0,
 
 void quantize_blocks(Dt dt, const void* w, int64_t n, int64_t blocksize, int64_t b0, int64_t b1, uint8_t* packed,
                      float* absmax) {
-  switch (dt) {
-    case Dt::kF32:
-      return quantize_t(static_cast<const float*>(w), n, blocksize, b0, b1, packed, absmax);
-    case Dt::kBF16:
-      return quantize_t(static_cast<const bf16_t*>(w), n, blocksize, b0, b1, packed, absmax);
-    case Dt::kF16:
-      return quantize_t(static_cast<const f16_t*>(w), n, blocksize, b0, b1, packed, absmax);
-  }
+  with_dt(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    quantize_t(static_cast<const T*>(w), n, blocksize, b0, b1, packed, absmax);
+  });
 }
 
 }  // namespace avx2

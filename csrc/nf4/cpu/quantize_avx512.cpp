@@ -4,7 +4,10 @@
 // values are scaled by w * (1 / max(absmax, 1e-38)), clamped to [-1, 1], and encoded as the number
 // of midpoints strictly below them (a 4-step branch-free binary search). The one partial tail block
 // (x / absmax in bitsandbytes) runs the scalar quantize_block.
+#include <type_traits>
+
 #include "nf4/cpu/avx512.h"
+#include "nf4/cpu/dt_dispatch.h"
 #include "nf4/cpu/simd_avx512.h"
 #include "nf4/nf4_math.h"
 
@@ -74,14 +77,10 @@ PEFTX_AVX512 void quantize_t(const T* w, int64_t n, int64_t blocksize, int64_t b
 
 void quantize_blocks(Dt dt, const void* w, int64_t n, int64_t blocksize, int64_t b0, int64_t b1, uint8_t* packed,
                      float* absmax) {
-  switch (dt) {
-    case Dt::kF32:
-      return quantize_t(static_cast<const float*>(w), n, blocksize, b0, b1, packed, absmax);
-    case Dt::kBF16:
-      return quantize_t(static_cast<const bf16_t*>(w), n, blocksize, b0, b1, packed, absmax);
-    case Dt::kF16:
-      return quantize_t(static_cast<const f16_t*>(w), n, blocksize, b0, b1, packed, absmax);
-  }
+  with_dt(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    quantize_t(static_cast<const T*>(w), n, blocksize, b0, b1, packed, absmax);
+  });
 }
 
 }  // namespace avx512

@@ -1,8 +1,10 @@
 // The portable kernel table: nf4_math.h's per-element functions in plain loops. It defines the
 // results the SIMD tables reproduce (bit for bit for quantize / decode / double dequantize).
 #include <algorithm>
+#include <type_traits>
 
 #include "common/host_device.h"
+#include "nf4/cpu/dt_dispatch.h"
 #include "nf4/cpu/kernels.h"
 #include "nf4/nf4_math.h"
 
@@ -18,14 +20,10 @@ void quantize_t(const T* w, int64_t n, int64_t blocksize, int64_t b0, int64_t b1
 
 void quantize_blocks(Dt dt, const void* w, int64_t n, int64_t blocksize, int64_t b0, int64_t b1, uint8_t* packed,
                      float* absmax) {
-  switch (dt) {
-    case Dt::kF32:
-      return quantize_t(static_cast<const float*>(w), n, blocksize, b0, b1, packed, absmax);
-    case Dt::kBF16:
-      return quantize_t(static_cast<const bf16_t*>(w), n, blocksize, b0, b1, packed, absmax);
-    case Dt::kF16:
-      return quantize_t(static_cast<const f16_t*>(w), n, blocksize, b0, b1, packed, absmax);
-  }
+  with_dt(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    quantize_t(static_cast<const T*>(w), n, blocksize, b0, b1, packed, absmax);
+  });
 }
 
 void double_quantize_blocks(const float* x, int64_t n, int64_t blocksize, const float* code, int64_t b0, int64_t b1,
@@ -48,14 +46,10 @@ void decode_t(const Weight4& w, int64_t j0, int64_t j1, T* out) {
 }
 
 void decode(const Weight4& w, int64_t j0, int64_t j1, Dt dt, void* out) {
-  switch (dt) {
-    case Dt::kF32:
-      return decode_t(w, j0, j1, static_cast<float*>(out));
-    case Dt::kBF16:
-      return decode_t(w, j0, j1, static_cast<bf16_t*>(out));
-    case Dt::kF16:
-      return decode_t(w, j0, j1, static_cast<f16_t*>(out));
-  }
+  with_dt(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    decode_t(w, j0, j1, static_cast<T*>(out));
+  });
 }
 
 void double_dequantize(const uint8_t* q, const float* nested, const float* code, int64_t blocksize, float offset,
