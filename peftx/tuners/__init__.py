@@ -1,8 +1,11 @@
 """The PEFT methods, one package each; importing this registers them all (see registry.py)."""
 
 from peftx.config import PeftType
+from peftx.tuners.adalora.config import AdaLoraConfig
+from peftx.tuners.adalora.model import AdaLoraModel
 from peftx.tuners.lora.config import LoraConfig
 from peftx.tuners.lora.model import LoraModel
 from peftx.tuners.registry import register_method
 
 register_method(PeftType.LORA, LoraConfig, LoraModel)
+register_method(PeftType.ADALORA, AdaLoraConfig, AdaLoraModel)
