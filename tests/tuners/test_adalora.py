@@ -248,3 +248,29 @@ def test_unsupported_target_is_a_clear_error():
     model, inputs, task = make("llama")
     with pytest.raises(ValueError, match="not supported by AdaLoRA"):
         peftx.get_peft_model(model, AdaLoraConfig(task_type=task, target_modules=["embed_tokens"], **SCHEDULE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_forward_and_gradients_equal_the_svd_formula(device, dtype):
+    """The fused path (A' = A * E through peftx::lora_linear_fwd) against the plain formula, on every
+    device the build has; dropout off."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 10).to(device, dtype)
+    layer = AdaLoraLinear(base, r=5, lora_alpha=6)
+    with torch.no_grad():
+        for d in (layer.lora_A, layer.lora_E, layer.lora_B):
+            d["default"].normal_()
+    x = torch.randn(3, 7, 24, device=device, dtype=dtype)
+    y = layer(x)
+    A, E, B = (d["default"] for d in (layer.lora_A, layer.lora_E, layer.lora_B))
+    leaves = [t.detach().clone().requires_grad_(True) for t in (A, E, B)]
+    ref = base(x).float() + (x.float() @ (leaves[0] * leaves[1]).t() @ leaves[2].t()) * 6 / (5 + 1e-5)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=6e-2, rtol=2e-2)
+    torch.testing.assert_close(y.float(), ref, **tol)
+    g = torch.randn_like(ref)
+    y.float().backward(g)
+    ref.backward(g)
+    for p, q in zip((A, E, B), leaves):
+        # bf16: the op's intermediates round to bf16, so the tolerance follows the gradient's magnitude.
+        scale = 1.0 if dtype == torch.float32 else max(1.0, q.grad.abs().max().item())
+        torch.testing.assert_close(p.grad, q.grad, atol=tol["atol"] * scale, rtol=tol["rtol"])

@@ -97,3 +97,14 @@ def test_merge_then_unmerge_restores_the_bias_exactly():
 def test_bitfit_config_rejects_bad_target_types():
     with pytest.raises(ValueError, match="target_modules"):
         BitFitConfig(target_modules=3)
+
+
+def test_layer_trains_on_every_device(device):
+    torch.manual_seed(0)
+    for base in (torch.nn.Linear(6, 4), torch.nn.LayerNorm(6)):
+        layer = BitFitLayer(base.to(device))
+        x = torch.randn(5, 6, device=device)
+        torch.testing.assert_close(layer(x), base(x), atol=0, rtol=0)
+        layer(x).square().sum().backward()
+        assert layer.bitfit_bias["default"].grad.abs().sum() > 0
+        assert base.bias.grad is None and base.weight.grad is None

@@ -102,3 +102,13 @@ def test_bad_configs_name_what_to_change():
     model, _, task = make("llama")
     with pytest.raises(ValueError, match="not supported by"):
         peftx.get_peft_model(model, IA3Config(target_modules=["embed_tokens"], feedforward_modules=[]))
+
+
+def test_layer_trains_on_every_device(device):
+    torch.manual_seed(0)
+    for feedforward in (False, True):
+        layer = IA3Linear(torch.nn.Linear(6, 4).to(device), is_feedforward=feedforward)
+        x = torch.randn(5, 6, device=device)
+        layer(x).square().sum().backward()
+        assert layer.ia3_l["default"].grad is not None and layer.ia3_l["default"].grad.abs().sum() > 0
+        assert layer.base_layer.weight.grad is None
