@@ -274,3 +274,29 @@ def test_layer_forward_and_gradients_equal_the_svd_formula(device, dtype):
         # bf16: the op's intermediates round to bf16, so the tolerance follows the gradient's magnitude.
         scale = 1.0 if dtype == torch.float32 else max(1.0, q.grad.abs().max().item())
         torch.testing.assert_close(p.grad, q.grad, atol=tol["atol"] * scale, rtol=tol["rtol"])
+
+
+def test_rank_zero_modules_load_both_ways(tmp_path):
+    """An allocation may remove every singular value of a module (HF PEFT then writes [0, in] tensors)."""
+    model, inputs, task = make("llama")
+    kw = dict(task_type=task, **SCHEDULE)
+    theirs = peft.get_peft_model(twin(model), peft.AdaLoraConfig(**kw))
+    mc.randomize_adapter(theirs, seed=4)
+    names = [n for n, _ in theirs.base_model.model.named_parameters() if ".lora_E." in n]
+    pattern = {n: [i % 2 == 0 for i in range(SCHEDULE["init_r"])] for n in names}
+    pattern[names[1]] = [False] * SCHEDULE["init_r"]
+    with torch.no_grad():
+        for n, p in theirs.base_model.model.named_parameters():
+            if n in pattern:
+                p.masked_fill_(~torch.tensor(pattern[n]).view(-1, 1), 0.0)
+    theirs.peft_config["default"].rank_pattern = pattern
+    theirs.eval()
+    theirs.save_pretrained(tmp_path / "hf")
+    back = peftx.PeftModel.from_pretrained(twin(model), tmp_path / "hf").eval()
+    ranks = [m.r["default"] for m in back.modules() if isinstance(m, AdaLoraLinear)]
+    assert 0 in ranks and ranks.count(SCHEDULE["init_r"] // 2) == len(ranks) - 1
+    torch.testing.assert_close(logits(back, inputs), logits(theirs, inputs), atol=1e-6, rtol=1e-5)
+    back.save_pretrained(tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(twin(model), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(again, inputs), logits(theirs, inputs), atol=1e-6, rtol=1e-5)
+    mc.check_save_load_exact(back, model, inputs, tmp_path / "exact")
