@@ -16,6 +16,10 @@ from peftx.peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFeatu
 from peftx.quant.prepare import prepare_model_for_kbit_training, quantize_model
 from peftx.tuners.lora import LoraEmbedding, LoraLinear, LoraLinear4bit
 from peftx.tuners.lora.config import LoraConfig
+# Weight-space methods (issue 7): AdaLoRA, (IA)^3, BitFit.
+from peftx.tuners.adalora import AdaLoraConfig, AdaLoraLinear, AdaLoraModel
+from peftx.tuners.bitfit import BitFitConfig, BitFitLayer, BitFitModel
+from peftx.tuners.ia3 import IA3Config, IA3Linear, IA3Model
 
 __version__ = "0.1.0"
 
@@ -27,4 +31,6 @@ __all__ = [
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "TaskType",
     "get_peft_model", "nf4_matmul", "nf4_matmul_t", "nf4_quantize", "prepare_model_for_kbit_training",
     "optim", "quantize_model",
+    "AdaLoraConfig", "AdaLoraLinear", "AdaLoraModel", "BitFitConfig", "BitFitLayer", "BitFitModel",
+    "IA3Config", "IA3Linear", "IA3Model",
 ]

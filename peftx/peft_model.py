@@ -215,8 +215,9 @@ class PeftModel(nn.Module):
         if name not in self.peft_config:
             raise ValueError(f"adapter_name: unknown adapter {name!r}; this model has {sorted(self.peft_config)}")
         config = self.peft_config[name]
-        return adapter_state_dict(self, name, self.base_model.prefix,
-                                  lambda k: self.base_model.extra_saved_keys(k, config), self._wrapper_prefixes)
+        tensors = adapter_state_dict(self, name, self.base_model.prefix,
+                                     lambda k: self.base_model.extra_saved_keys(k, config), self._wrapper_prefixes)
+        return self.base_model.to_file_tensors(tensors, name)
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
                         **kwargs) -> None:
@@ -270,6 +271,7 @@ class PeftModel(nn.Module):
         self.base_model.set_adapter(self.active_adapter)
 
     def _load_adapter_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str, source) -> None:
+        self.base_model.before_loading_tensors(adapter_name)
         own = self.state_dict(keep_vars=True)
         prefixes = self._wrapper_prefixes
         mapped = {}

@@ -170,3 +170,11 @@ class BaseTuner(nn.Module):
     def extra_saved_keys(self, key: str, config) -> bool:
         """Keys saved besides the adapter's own tensors (LoRA's bias option)."""
         return False
+
+    def to_file_tensors(self, tensors: dict, adapter_name: str) -> dict:
+        """The adapter's tensors as written to its file (AdaLoRA keeps only the allocated ranks)."""
+        return tensors
+
+    def before_loading_tensors(self, adapter_name: str) -> None:
+        """Called after a loaded adapter is injected and before its file's tensors are copied in
+        (AdaLoRA shrinks its layers to the file's rank_pattern here)."""

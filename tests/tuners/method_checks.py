@@ -22,10 +22,11 @@ def _loss(pm, inputs, target):
     return (pm(**inputs).logits.float() - target).pow(2).mean()
 
 
-def check_training_moves_every_adapter_param(pm, inputs, steps=8, lr=1e-2, **forward_kwargs):
+def check_training_moves_every_adapter_param(pm, inputs, steps=8, lr=1e-2, on_step=None, **forward_kwargs):
     """Regresses the logits onto a fixed random target with AdamW (dropout off, so the loss is a
     deterministic function of the parameters); asserts the loss went down and every trainable
-    parameter changed."""
+    parameter changed. ``on_step(step)`` runs after each optimizer step, before the next zero_grad
+    (AdaLoRA's update_and_allocate)."""
     pm.eval()
     with torch.no_grad():
         shape = pm(**inputs, **forward_kwargs).logits.shape
@@ -40,6 +41,8 @@ def check_training_moves_every_adapter_param(pm, inputs, steps=8, lr=1e-2, **for
         loss = _loss(pm, {**inputs, **forward_kwargs}, target)
         loss.backward()
         opt.step()
+        if on_step is not None:
+            on_step(len(losses))
         losses.append(loss.item())
     unchanged = [n for n, p in params.items() if torch.equal(p.detach(), before[n])]
     assert not unchanged, f"parameters that never changed: {unchanged[:5]}"
