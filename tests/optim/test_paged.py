@@ -32,7 +32,7 @@ def _steps(opt, params, n, seed=1, during=None):
     g = torch.Generator().manual_seed(seed)
     for _ in range(n):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            p.grad = torch.randn(p.shape, generator=g).to(device=p.device, dtype=p.dtype)
         opt.step()
         if during:
             during()
