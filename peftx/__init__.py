@@ -16,6 +16,8 @@ from peftx.peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFeatu
 from peftx.quant.prepare import prepare_model_for_kbit_training, quantize_model
 from peftx.tuners.lora import LoraEmbedding, LoraLinear, LoraLinear4bit
 from peftx.tuners.lora.config import LoraConfig
+# Bottleneck adapters, MAM, UniPELT (peftx only)
+from peftx.tuners.bottleneck import AdapterConfig, BottleneckLayer
 
 __version__ = "0.1.0"
 
@@ -27,4 +29,6 @@ __all__ = [
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "TaskType",
     "get_peft_model", "nf4_matmul", "nf4_matmul_t", "nf4_quantize", "prepare_model_for_kbit_training",
     "optim", "quantize_model",
+    # Bottleneck adapters, MAM, UniPELT (peftx only)
+    "AdapterConfig", "BottleneckLayer",
 ]

@@ -6,3 +6,8 @@ from peftx.tuners.lora.model import LoraModel
 from peftx.tuners.registry import register_method
 
 register_method(PeftType.LORA, LoraConfig, LoraModel)
+
+# Bottleneck adapters (peftx only).
+from peftx.tuners.bottleneck import AdapterConfig, BottleneckModel  # noqa: E402
+
+register_method(PeftType.BOTTLENECK, AdapterConfig, BottleneckModel)
