@@ -104,7 +104,7 @@ def plan_sites(model: nn.Module, config, skip=frozenset()) -> list[Site]:
         hits[kind] += 1
         if not _layer_ok(config, name):
             continue
-        if not is_linear_like(module):
+        if not is_linear_like(getattr(module, "base_layer", module)):
             raise ValueError(f"{kind}_modules: {name!r} is a {type(module).__name__}; bottleneck adapters wrap a "
                              "sublayer's output projection (torch.nn.Linear, transformers Conv1D or "
                              "peftx.Linear4bit): name that module instead")
