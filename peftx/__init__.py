@@ -16,6 +16,12 @@ from peftx.peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFeatu
 from peftx.quant.prepare import prepare_model_for_kbit_training, quantize_model
 from peftx.tuners.lora import LoraEmbedding, LoraLinear, LoraLinear4bit
 from peftx.tuners.lora.config import LoraConfig
+# prompt-learning methods
+from peftx.tuners.multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit
+from peftx.tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
+from peftx.tuners.prefix_tuning import PrefixTuningConfig
+from peftx.tuners.prompt_learning import PromptLearningConfig
+from peftx.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 # Bottleneck adapters, MAM, UniPELT (peftx only)
 from peftx.tuners.bottleneck import AdapterConfig, BottleneckLayer
 
@@ -29,6 +35,9 @@ __all__ = [
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "TaskType",
     "get_peft_model", "nf4_matmul", "nf4_matmul_t", "nf4_quantize", "prepare_model_for_kbit_training",
     "optim", "quantize_model",
+    # prompt-learning methods
+    "MultitaskPromptTuningConfig", "MultitaskPromptTuningInit", "PrefixTuningConfig", "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType", "PromptLearningConfig", "PromptTuningConfig", "PromptTuningInit",
     # Bottleneck adapters, MAM, UniPELT (peftx only)
     "AdapterConfig", "BottleneckLayer",
 ]

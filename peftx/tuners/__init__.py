@@ -7,6 +7,17 @@ from peftx.tuners.registry import register_method
 
 register_method(PeftType.LORA, LoraConfig, LoraModel)
 
+# Prompt-learning methods wrap no module (tuner_cls None): peftx/prompt_model.py drives them.
+from peftx.tuners.multitask_prompt_tuning.config import MultitaskPromptTuningConfig  # noqa: E402
+from peftx.tuners.p_tuning.config import PromptEncoderConfig  # noqa: E402
+from peftx.tuners.prefix_tuning.config import PrefixTuningConfig  # noqa: E402
+from peftx.tuners.prompt_tuning.config import PromptTuningConfig  # noqa: E402
+
+register_method(PeftType.PROMPT_TUNING, PromptTuningConfig, None)
+register_method(PeftType.P_TUNING, PromptEncoderConfig, None)
+register_method(PeftType.PREFIX_TUNING, PrefixTuningConfig, None)
+register_method(PeftType.MULTITASK_PROMPT_TUNING, MultitaskPromptTuningConfig, None)
+
 # Bottleneck adapters (peftx only).
 from peftx.tuners.bottleneck import AdapterConfig, BottleneckModel  # noqa: E402
 
