@@ -24,6 +24,8 @@ from peftx.tuners.prompt_learning import PromptLearningConfig
 from peftx.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 # Bottleneck adapters, MAM, UniPELT (peftx only)
 from peftx.tuners.bottleneck import AdapterConfig, BottleneckLayer
+from peftx.tuners.mam import MAMConfig
+from peftx.tuners.unipelt import GatedLoraLinear, UniPELTConfig
 
 __version__ = "0.1.0"
 
@@ -39,5 +41,5 @@ __all__ = [
     "MultitaskPromptTuningConfig", "MultitaskPromptTuningInit", "PrefixTuningConfig", "PromptEncoderConfig",
     "PromptEncoderReparameterizationType", "PromptLearningConfig", "PromptTuningConfig", "PromptTuningInit",
     # Bottleneck adapters, MAM, UniPELT (peftx only)
-    "AdapterConfig", "BottleneckLayer",
+    "AdapterConfig", "BottleneckLayer", "GatedLoraLinear", "MAMConfig", "UniPELTConfig",
 ]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import peftx.tuners  # noqa: F401  (registers every method)
+from peftx.composed_model import ComposedPrefixMixin, is_composed
 from peftx.config import PeftConfig, TaskType
 from peftx.prompt_model import PromptLearningMixin
 from peftx.save_load import adapter_state_dict, load_tensors, save_tensors_atomic, to_model_key
@@ -37,10 +38,11 @@ def check_adapter_name(name) -> None:
                          "'modules_to_save'); pick another name")
 
 
-class PeftModel(PromptLearningMixin, nn.Module):
+class PeftModel(PromptLearningMixin, ComposedPrefixMixin, nn.Module):
     """A base model with named adapters. ``forward``/``generate`` pass through to the base model (for
     prompt-learning methods, peftx/prompt_model.py: ``base_model`` is the model itself and the adapters
-    live in ``prompt_encoder``)."""
+    live in ``prompt_encoder``; for methods composing a tuner with prefix tuning (MAM, UniPELT),
+    peftx/composed_model.py: the prefix of each adapter lives in ``prefix_part``)."""
 
     _task_heads: tuple[str, ...] = ()
 
@@ -62,6 +64,8 @@ class PeftModel(PromptLearningMixin, nn.Module):
         else:
             self.base_model = method.tuner_cls(model, self.peft_config, adapter_name,
                                                skip=self._heads_to_save(model, peft_config))
+            if is_composed(peft_config):
+                self._add_prefix_part(adapter_name, peft_config)
         self._set_modules_to_save(adapter_name)
 
     def __getattr__(self, name):
@@ -145,6 +149,8 @@ class PeftModel(PromptLearningMixin, nn.Module):
             if getattr(getattr(self.base_model, "config", None), "is_encoder_decoder", False):
                 return self._prompt_forward_seq2seq(*args, **kwargs)
             return self._prompt_forward(*args, **kwargs)
+        if "prefix_part" in self._modules:
+            kwargs, args = self._with_prefix(args, kwargs), ()
         with self._adapter_names_hooks(adapter_names):
             return self.base_model(*args, **kwargs)
 
@@ -152,6 +158,9 @@ class PeftModel(PromptLearningMixin, nn.Module):
         if self._prompt_learning:
             self._no_adapter_names(adapter_names)
             return self._prompt_generate(*args, **kwargs)
+        if "prefix_part" in self._modules:
+            raise NotImplementedError("generate() is not supported yet for methods with a prefix part (MAM, UniPELT); "
+                                      "call the model's forward step by step")
         with self._adapter_names_hooks(adapter_names):
             return self.base_model.model.generate(*args, **kwargs)
 
@@ -178,10 +187,12 @@ class PeftModel(PromptLearningMixin, nn.Module):
                         m.disable_adapters = False
             return
         self.base_model.enable_adapter_layers(False)
+        self._prefix_disabled = True
         try:
             yield
         finally:
             self.base_model.enable_adapter_layers(True)
+            self._prefix_disabled = False
 
     # --- adapters ---------------------------------------------------------------------------------
     @property
@@ -212,6 +223,12 @@ class PeftModel(PromptLearningMixin, nn.Module):
         except Exception:
             del self.peft_config[adapter_name]
             raise
+        if is_composed(peft_config):
+            try:
+                self._add_prefix_part(adapter_name, peft_config)
+            except Exception:
+                self.base_model.delete_adapter(adapter_name)
+                raise
         self._set_modules_to_save(adapter_name)
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -231,6 +248,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
             self._prompt_delete(adapter_name)
         else:
             self.base_model.delete_adapter(adapter_name)
+            self._delete_prefix_part(adapter_name)
         if self.active_adapter == adapter_name:
             remaining = sorted(self.peft_config)
             self.active_adapter = remaining[0] if remaining else None
@@ -285,8 +303,9 @@ class PeftModel(PromptLearningMixin, nn.Module):
         config = self.peft_config[name]
         if self._prompt_learning:
             return self._prompt_state_dict(name)
-        return adapter_state_dict(self, name, self.base_model.prefix,
-                                  lambda k: self.base_model.extra_saved_keys(k, config), self._wrapper_prefixes)
+        return {**adapter_state_dict(self, name, self.base_model.prefix,
+                                     lambda k: self.base_model.extra_saved_keys(k, config), self._wrapper_prefixes),
+                **self._prefix_state_dict(name)}
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
                         **kwargs) -> None:
@@ -343,6 +362,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
         if self._prompt_learning:
             self._prompt_load(tensors, adapter_name, source)
             return
+        tensors = self._split_prefix_tensors(tensors, adapter_name, source)
         own = self.state_dict(keep_vars=True)
         prefixes = self._wrapper_prefixes
         mapped = {}

@@ -18,7 +18,11 @@ register_method(PeftType.P_TUNING, PromptEncoderConfig, None)
 register_method(PeftType.PREFIX_TUNING, PrefixTuningConfig, None)
 register_method(PeftType.MULTITASK_PROMPT_TUNING, MultitaskPromptTuningConfig, None)
 
-# Bottleneck adapters (peftx only).
+# Bottleneck adapters, and their compositions with prefix tuning (peftx only).
 from peftx.tuners.bottleneck import AdapterConfig, BottleneckModel  # noqa: E402
+from peftx.tuners.mam import MAMConfig, MAMModel  # noqa: E402
+from peftx.tuners.unipelt import UniPELTConfig, UniPELTModel  # noqa: E402
 
 register_method(PeftType.BOTTLENECK, AdapterConfig, BottleneckModel)
+register_method(PeftType.MAM, MAMConfig, MAMModel)
+register_method(PeftType.UNIPELT, UniPELTConfig, UniPELTModel)
