@@ -42,5 +42,6 @@ class BottleneckModel(BaseTuner):
             raise ValueError(f"{type(self).__name__}: bottleneck adapters are non-linear and cannot be merged into "
                              "the base weights; use unload() to get the base model back (without the adapters)")
         for m in self.adapter_layers():
-            m.remove_hook()
+            if isinstance(m, BottleneckLayer):
+                m.remove_hook()
         return super()._replace_wrappers(merge, adapter_names)
