@@ -8,7 +8,8 @@ gate). The gated prefix multiplies layer l's prefix keys and values by
 ``g_l = sigmoid(W x_bar + b)_l``, ``x_bar`` the attention-mask-weighted mean of the input-token
 embeddings (the encoder's input for encoder-decoder models): one gate per layer and example. For
 decoder-only models that mean covers the whole input sequence, so a token's prefix weight depends on
-later tokens of the same input (a sentence-level gate, UniPELT's classification setting).
+later tokens of the same input (a sentence-level gate, UniPELT's classification setting), and
+``generate`` computes it once from the prompt.
 
 Files: the tuner part's keys, plus ``prompt_embeddings`` (the prefix table, [virtual tokens,
 num_layers * 2 * token_dim], as prefix tuning saves it) and for a gated prefix ``prefix_gate.weight``
@@ -16,12 +17,14 @@ num_layers * 2 * token_dim], as prefix tuning saves it) and for a gated prefix `
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 from torch import nn
 
-from peftx.tuners.prefix_tuning.cache import accepts_past_key_values, prefix_forward_kwargs
+from peftx.tuners.prefix_tuning.cache import (accepts_past_key_values, extend_attention_mask, prefix_cache,
+                                              prefix_forward_kwargs)
 from peftx.tuners.prefix_tuning.encoder import PrefixEncoder
 
 PREFIX_KEYS = ("prompt_embeddings", "prefix_gate.weight", "prefix_gate.bias")
@@ -141,6 +144,46 @@ class ComposedPrefixMixin:
         return prefix_forward_kwargs(model, prefix, part.num_layers, part.num_heads, kwargs,
                                      encoder_decoder=encoder_decoder)
 
+    def _generate_with_prefix(self, args: tuple, kwargs: dict):
+        """``generate`` with the active adapter's prefix: the first step gets the prefilled cache, every
+        step the attention mask extended by the prefix (and explicit position ids shifted past it). A
+        gated prefix's gate reads the prompt (input_ids / inputs_embeds and attention_mask as given)."""
+        model = self.base_model.model
+        part = self._active_prefix_part()
+        if args:
+            if len(args) > 1 or "input_ids" in kwargs:
+                raise ValueError("generate: pass the inputs once, as input_ids=")
+            kwargs = {**kwargs, "input_ids": args[0]}
+        if part is None:
+            return model.generate(**kwargs)
+        gate_input = self._gate_input(kwargs) if hasattr(part, "gate") else None
+        encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        v = part.encoder.embedding.num_embeddings
+        mask_key = "decoder_attention_mask" if encoder_decoder else "attention_mask"
+        dtype = getattr(model, "dtype", None)
+
+        def prepare(inputs: dict) -> dict:
+            cache = inputs.get("past_key_values")
+            if cache is None or cache.get_seq_length() == 0:
+                ref = inputs.get("decoder_input_ids" if encoder_decoder else "input_ids")
+                if ref is None:
+                    ref = inputs.get("inputs_embeds")
+                prefix = part.prefix(ref.shape[0], gate_input)
+                if isinstance(dtype, torch.dtype):
+                    prefix = prefix.to(dtype)
+                inputs["past_key_values"] = prefix_cache(model, prefix, part.num_layers, part.num_heads,
+                                                         encoder_decoder)
+            mask = inputs.get(mask_key)
+            if isinstance(mask, torch.Tensor):
+                inputs[mask_key] = extend_attention_mask(mask, v)
+            elif mask is not None:
+                raise ValueError("generate with a prefix supports 2-D attention masks only")
+            if not encoder_decoder and inputs.get("position_ids") is not None:
+                inputs["position_ids"] = inputs["position_ids"] + v
+            return inputs
+        with _prepare_hook(model, prepare):
+            return model.generate(**kwargs)
+
     def _prefix_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
         parts = self._modules.get("prefix_part")
         return parts[adapter_name].saved_tensors() if parts is not None and adapter_name in parts else {}
@@ -158,3 +201,22 @@ class ComposedPrefixMixin:
         parts = self._modules.get("prefix_part")
         if parts is not None and adapter_name in parts:
             del parts[adapter_name]
+
+
+@contextlib.contextmanager
+def _prepare_hook(model: nn.Module, prepare):
+    """Runs ``prepare`` on what ``model.prepare_inputs_for_generation`` returns, for the duration."""
+    had_own = "prepare_inputs_for_generation" in model.__dict__
+    saved = model.__dict__.get("prepare_inputs_for_generation")
+    original = model.prepare_inputs_for_generation
+
+    def hooked(*args, **kwargs):
+        return prepare(original(*args, **kwargs))
+    model.prepare_inputs_for_generation = hooked
+    try:
+        yield
+    finally:
+        if had_own:
+            model.prepare_inputs_for_generation = saved
+        else:
+            del model.prepare_inputs_for_generation

@@ -159,8 +159,7 @@ class PeftModel(PromptLearningMixin, ComposedPrefixMixin, nn.Module):
             self._no_adapter_names(adapter_names)
             return self._prompt_generate(*args, **kwargs)
         if "prefix_part" in self._modules:
-            raise NotImplementedError("generate() is not supported yet for methods with a prefix part (MAM, UniPELT); "
-                                      "call the model's forward step by step")
+            return self._generate_with_prefix(args, kwargs)
         with self._adapter_names_hooks(adapter_names):
             return self.base_model.model.generate(*args, **kwargs)
 

@@ -190,9 +190,6 @@ def test_errors():
         peftx.UniPELTConfig(r=0)
     with pytest.raises(ValueError, match="non_linearity must be one of"):
         peftx.MAMConfig(non_linearity="sigmoid")
-    pm = peftx.get_peft_model(twin(model), METHODS["mam"](task))
-    with pytest.raises(NotImplementedError, match="generate"):
-        pm.generate(input_ids=torch.tensor([[3, 4]]))
 
 
 def test_model_without_a_kv_cache():
@@ -205,3 +202,40 @@ def test_model_without_a_kv_cache():
             return x + self.ff(x)
     with pytest.raises(ValueError, match="could not read"):
         peftx.get_peft_model(Toy(), peftx.MAMConfig(ffn_modules={"ff.2": "ff"}))
+
+
+# UniPELT's prefix gate reads the whole input, so only where that input is fixed during generation (the
+# encoder's, T5) does step-by-step forward reproduce generate(); decoder-only UniPELT gates from the prompt.
+@pytest.mark.parametrize("kind,method", [("llama", "mam"), ("gpt2", "mam"), ("t5", "mam"), ("t5", "unipelt")])
+def test_generate_matches_step_by_step_forward(kind, method):
+    model, inputs, task = make(kind)
+    pm = peftx.get_peft_model(twin(model), METHODS[method](task)).eval()
+    mc.randomize_adapter(pm)
+    ids = inputs["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a left-padded row
+    n = 4
+    with torch.no_grad():
+        out = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        ref = []
+        if kind == "t5":
+            seq = torch.zeros(ids.shape[0], 1, dtype=torch.long)
+            for _ in range(n):
+                ref.append(pm(input_ids=ids, attention_mask=mask, decoder_input_ids=seq).logits[:, -1])
+                seq = torch.cat([seq, ref[-1].argmax(-1, keepdim=True)], 1)
+        else:
+            seq, m = ids, mask
+            for _ in range(n):
+                pos = (m.cumsum(-1) - 1).clamp(min=0)
+                ref.append(pm(input_ids=seq, attention_mask=m, position_ids=pos).logits[:, -1])
+                seq = torch.cat([seq, ref[-1].argmax(-1, keepdim=True)], 1)
+                m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+    assert out.sequences.tolist() == seq.tolist()
+    for got, want in zip(out.logits, ref):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pm.disable_adapter(), torch.no_grad():
+        plain = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        base = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    assert plain.tolist() == base.tolist()
