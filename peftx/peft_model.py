@@ -137,6 +137,10 @@ class PeftModel(PromptLearningMixin, ComposedPrefixMixin, nn.Module):
         for m in self.modules():
             if isinstance(m, (LoraLayer, LoraEmbedding)):
                 handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+        if not handles:
+            raise ValueError(f"adapter_names (a mixed-adapter batch) is not supported by "
+                             f"{getattr(self.peft_type, 'value', self.peft_type)} adapters; set_adapter() one adapter "
+                             "per batch")
         try:
             yield
         finally:

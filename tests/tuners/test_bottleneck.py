@@ -309,3 +309,49 @@ def test_low_precision_base_keeps_identity_and_fp32_adapters():
     assert all(p.dtype == torch.float32 for n, p in pm.named_parameters() if "bottleneck_" in n)
     mc.randomize_adapter(pm)
     assert logits(pm, inputs).dtype == torch.bfloat16
+
+
+def test_mixed_adapter_batches_are_refused():
+    model, inputs, task = make("llama")
+    pm = peftx.get_peft_model(model, config(task))
+    with pytest.raises(ValueError, match="adapter_names.*not supported by BOTTLENECK"):
+        pm(**inputs, adapter_names=["default", "default"])
+
+
+def test_nf4_base_layers():
+    model, inputs, task = make("llama")
+    model = peftx.quantize_model(model, compute_dtype=torch.float32)
+    pm = mc.check_identity_at_init(model, inputs, config(task, "houlsby", "parallel"))
+    assert all(isinstance(m.base_layer, peftx.Linear4bit) for m in layers(pm).values())
+    mc.check_training_moves_every_adapter_param(pm, inputs)
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+def test_parallel_adapters_under_gradient_checkpointing():
+    model, inputs, task = make("llama")
+    pm = peftx.get_peft_model(twin(model), config(task, "houlsby", "parallel"))
+    mc.randomize_adapter(pm)
+    pm.train()
+    pm(**inputs).logits.pow(2).mean().backward()
+    want = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+    pm.zero_grad()
+    pm.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    pm(**inputs).logits.pow(2).mean().backward()
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, want[n])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("form", ["sequential", "parallel"])
+def test_cuda_matches_cpu(form):
+    model, inputs, task = make("llama")
+    pm = peftx.get_peft_model(twin(model), config(task, "houlsby", form))
+    mc.randomize_adapter(pm)
+    ref = logits(pm, inputs)
+    pm = pm.cuda()
+    out = logits(pm, {k: v.cuda() for k, v in inputs.items()})
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+    pm(**{k: v.cuda() for k, v in inputs.items()}).logits.pow(2).mean().backward()
+    grads = [p.grad for n, p in pm.named_parameters() if "bottleneck_" in n]
+    assert grads and all(g is not None and g.is_cuda and g.abs().sum() > 0 for g in grads)

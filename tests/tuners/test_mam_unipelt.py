@@ -239,3 +239,18 @@ def test_generate_matches_step_by_step_forward(kind, method):
     with torch.no_grad():
         base = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
     assert plain.tolist() == base.tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_cuda_matches_cpu(method):
+    model, inputs, task = make("llama")
+    pm = peftx.get_peft_model(twin(model), METHODS[method](task)).eval()
+    mc.randomize_adapter(pm)
+    ref = logits(pm, inputs)
+    pm = pm.cuda()
+    cuda_inputs = {k: v.cuda() for k, v in inputs.items()}
+    torch.testing.assert_close(logits(pm, cuda_inputs).cpu(), ref, atol=1e-4, rtol=1e-4)
+    pm(**cuda_inputs).logits.pow(2).mean().backward()
+    grads = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    assert all(g is not None and g.is_cuda for g in grads.values())
