@@ -87,6 +87,19 @@ class PromptLearningMixin:
         self.prompt_encoder[adapter_name] = encoder
         encoder.requires_grad_(not config.inference_mode)
 
+    @contextlib.contextmanager
+    def _prompt_disabled_context(self):
+        wrappers = [m for m in self.base_model.modules() if isinstance(m, ModulesToSaveWrapper)]
+        self._prompt_disabled = True
+        for m in wrappers:
+            m.disable_adapters = True
+        try:
+            yield
+        finally:
+            self._prompt_disabled = False
+            for m in wrappers:
+                m.disable_adapters = False
+
     # --- prompts -----------------------------------------------------------------------------------
     def _prompts(self, batch_size: int, task_ids=None, dtype=None) -> torch.Tensor:
         config = self.peft_config[self.active_adapter]

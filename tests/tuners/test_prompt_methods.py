@@ -157,3 +157,38 @@ def test_token_classification_prepends_ignored_labels(tmp_path):
     hf = peft.PeftModel.from_pretrained(twin(model), tmp_path).eval()
     pm.eval()
     torch.testing.assert_close(mc.logits(hf, {"input_ids": ids}), mc.logits(pm, {"input_ids": ids}))
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix", "p_tuning_mlp"])
+def test_bf16_model_with_fp32_prompts_trains_and_generates(method):
+    model, inputs, task = make("llama")
+    model = model.to(torch.bfloat16)
+    pm = peftx.get_peft_model(model, configs(method, task)[0])
+    assert all(p.dtype == torch.float32 for p in pm.prompt_encoder.parameters())
+    out = pm(**inputs, labels=inputs["input_ids"])
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pm.prompt_encoder.parameters())
+    pm.eval()
+    assert pm.generate(**inputs, max_new_tokens=3, do_sample=False).shape == (2, 12)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix"])
+def test_inputs_embeds_equal_input_ids(method):
+    model, inputs, task = make("llama")
+    pm = peftx.get_peft_model(model, configs(method, task)[0]).eval()
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    torch.testing.assert_close(mc.logits(pm, {"inputs_embeds": embeds}), mc.logits(pm, inputs), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix", "p_tuning_lstm"])
+def test_seq2seq_loss_equals_hf(method, tmp_path):
+    model, inputs, task = make("t5")
+    pm = peftx.get_peft_model(twin(model), configs(method, task)[0]).eval()
+    mc.randomize_adapter(pm)
+    pm.save_pretrained(tmp_path)
+    hf = peft.PeftModel.from_pretrained(twin(model), tmp_path).eval()
+    kw = {"input_ids": inputs["input_ids"], "attention_mask": torch.ones_like(inputs["input_ids"]),
+          "labels": inputs["decoder_input_ids"].clone()}  # a contiguous copy: T5 views the labels
+    with torch.no_grad():
+        torch.testing.assert_close(pm(**kw).loss, hf(**kw).loss)
