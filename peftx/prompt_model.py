@@ -247,7 +247,11 @@ class PromptLearningMixin:
             if is_prefix:
                 inputs["past_key_values"] = self._prefix_cache(batch, encoder_decoder=False)
             else:
-                inputs["inputs_embeds"], _ = self._embed_with_prompts(ids, embeds, task_ids)
+                tasks = task_ids
+                if tasks is not None and batch != tasks.shape[0]:
+                    # beam search / num_return_sequences expanded each row in place
+                    tasks = tasks.repeat_interleave(batch // tasks.shape[0])
+                inputs["inputs_embeds"], _ = self._embed_with_prompts(ids, embeds, tasks)
                 inputs["input_ids"] = None
             return inputs
         with self._generation_hook(prepare):

@@ -192,3 +192,23 @@ def test_seq2seq_loss_equals_hf(method, tmp_path):
           "labels": inputs["decoder_input_ids"].clone()}  # a contiguous copy: T5 views the labels
     with torch.no_grad():
         torch.testing.assert_close(pm(**kw).loss, hf(**kw).loss)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix", "multitask"])
+def test_beam_search_and_several_sequences_per_row(method, tmp_path):
+    model, inputs, task = make("llama")
+    model.generation_config.pad_token_id = 0
+    ours, _ = configs(method, task)
+    pm = peftx.get_peft_model(twin(model), ours).eval()
+    mc.randomize_adapter(pm)
+    pm.save_pretrained(tmp_path)
+    hf = peft.PeftModel.from_pretrained(twin(model), tmp_path).eval()
+    kw = dict(input_ids=inputs["input_ids"], max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False,
+              **task_kwargs(method))
+    out = pm.generate(**kw)
+    assert out.shape == (4, 13)
+    assert torch.equal(out, hf.generate(**kw))
+    # each row's two sequences are the ones it gets alone
+    alone = pm.generate(**{**kw, "input_ids": inputs["input_ids"][1:],
+                           **{k: v[1:] for k, v in task_kwargs(method).items()}})
+    assert torch.equal(out[2:], alone)
