@@ -59,7 +59,6 @@ class PeftModel(PromptLearningMixin, ComposedPrefixMixin, nn.Module):
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
         self._prompt_learning = peft_config.is_prompt_learning
         if self._prompt_learning:
-            self._heads_to_save(model, peft_config)
             self._init_prompt_learning(model, peft_config, adapter_name)
         else:
             self.base_model = method.tuner_cls(model, self.peft_config, adapter_name,
@@ -177,17 +176,8 @@ class PeftModel(PromptLearningMixin, ComposedPrefixMixin, nn.Module):
     def disable_adapter(self):
         """Within the context, the model computes as the base model."""
         if self._prompt_learning:
-            self._prompt_disabled = True
-            for m in self.get_base_model().modules():
-                if isinstance(m, ModulesToSaveWrapper):
-                    m.disable_adapters = True
-            try:
+            with self._prompt_disabled_context():
                 yield
-            finally:
-                self._prompt_disabled = False
-                for m in self.get_base_model().modules():
-                    if isinstance(m, ModulesToSaveWrapper):
-                        m.disable_adapters = False
             return
         self.base_model.enable_adapter_layers(False)
         self._prefix_disabled = True

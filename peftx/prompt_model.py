@@ -87,6 +87,19 @@ class PromptLearningMixin:
         self.prompt_encoder[adapter_name] = encoder
         encoder.requires_grad_(not config.inference_mode)
 
+    @contextlib.contextmanager
+    def _prompt_disabled_context(self):
+        wrappers = [m for m in self.base_model.modules() if isinstance(m, ModulesToSaveWrapper)]
+        self._prompt_disabled = True
+        for m in wrappers:
+            m.disable_adapters = True
+        try:
+            yield
+        finally:
+            self._prompt_disabled = False
+            for m in wrappers:
+                m.disable_adapters = False
+
     # --- prompts -----------------------------------------------------------------------------------
     def _prompts(self, batch_size: int, task_ids=None, dtype=None) -> torch.Tensor:
         config = self.peft_config[self.active_adapter]
@@ -234,7 +247,11 @@ class PromptLearningMixin:
             if is_prefix:
                 inputs["past_key_values"] = self._prefix_cache(batch, encoder_decoder=False)
             else:
-                inputs["inputs_embeds"], _ = self._embed_with_prompts(ids, embeds, task_ids)
+                tasks = task_ids
+                if tasks is not None and batch != tasks.shape[0]:
+                    # beam search / num_return_sequences expanded each row in place
+                    tasks = tasks.repeat_interleave(batch // tasks.shape[0])
+                inputs["inputs_embeds"], _ = self._embed_with_prompts(ids, embeds, tasks)
                 inputs["input_ids"] = None
             return inputs
         with self._generation_hook(prepare):

@@ -30,7 +30,9 @@ class PromptEncoderBase(nn.Module):
         return self.table().unsqueeze(0).expand(batch_size, -1, -1)
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": self.table().detach()}
+        # computed as inference computes it (no autograd: the LSTM takes another kernel path with grad)
+        with torch.no_grad():
+            return {"prompt_embeddings": self.table()}
 
     def load_saved(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         if "prompt_embeddings" not in tensors:
