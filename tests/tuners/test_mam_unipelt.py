@@ -254,3 +254,13 @@ def test_cuda_matches_cpu(method):
     pm(**cuda_inputs).logits.pow(2).mean().backward()
     grads = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
     assert all(g is not None and g.is_cuda for g in grads.values())
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_bf16_model_with_fp32_adapter(method):
+    model, inputs, task = make("llama")
+    model = model.to(torch.bfloat16)
+    pm = peftx.get_peft_model(twin(model), METHODS[method](task))
+    assert all(p.dtype == torch.float32 for p in pm.parameters() if p.requires_grad)
+    torch.testing.assert_close(logits(pm, inputs), with_prefix_only(pm, model, inputs), atol=0, rtol=0)
+    mc.check_training_moves_every_adapter_param(pm, inputs)
