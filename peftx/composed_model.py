@@ -130,10 +130,10 @@ class ComposedPrefixMixin:
             kwargs = {**kwargs, "input_ids": args[0]}
         if part is None:
             return kwargs
-        embeds, ids = kwargs.get("inputs_embeds"), kwargs.get("input_ids")
-        batch = (embeds if embeds is not None else ids).shape[0] if (embeds is not None or ids is not None) else None
-        if batch is None:
+        first = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
+        if first is None:
             raise ValueError("pass input_ids or inputs_embeds")
+        batch = first.shape[0]
         gate_input = self._gate_input(kwargs) if hasattr(part, "gate") else None
         model = self.base_model.model
         encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
