@@ -20,6 +20,16 @@ from peftx.tuners.lora.config import LoraConfig
 from peftx.tuners.adalora import AdaLoraConfig, AdaLoraLinear, AdaLoraModel
 from peftx.tuners.bitfit import BitFitConfig, BitFitLayer, BitFitModel
 from peftx.tuners.ia3 import IA3Config, IA3Linear, IA3Model
+# prompt-learning methods
+from peftx.tuners.multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit
+from peftx.tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
+from peftx.tuners.prefix_tuning import PrefixTuningConfig
+from peftx.tuners.prompt_learning import PromptLearningConfig
+from peftx.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
+# Bottleneck adapters, MAM, UniPELT (peftx only)
+from peftx.tuners.bottleneck import AdapterConfig, BottleneckLayer
+from peftx.tuners.mam import MAMConfig
+from peftx.tuners.unipelt import GatedLoraLinear, UniPELTConfig
 
 __version__ = "0.1.0"
 
@@ -33,4 +43,9 @@ __all__ = [
     "optim", "quantize_model",
     "AdaLoraConfig", "AdaLoraLinear", "AdaLoraModel", "BitFitConfig", "BitFitLayer", "BitFitModel",
     "IA3Config", "IA3Linear", "IA3Model",
+    # prompt-learning methods
+    "MultitaskPromptTuningConfig", "MultitaskPromptTuningInit", "PrefixTuningConfig", "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType", "PromptLearningConfig", "PromptTuningConfig", "PromptTuningInit",
+    # Bottleneck adapters, MAM, UniPELT (peftx only)
+    "AdapterConfig", "BottleneckLayer", "GatedLoraLinear", "MAMConfig", "UniPELTConfig",
 ]

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 import peftx.tuners  # noqa: F401  (registers every method)
+from peftx.composed_model import ComposedPrefixMixin, is_composed
 from peftx.config import PeftConfig, TaskType
+from peftx.prompt_model import PromptLearningMixin
 from peftx.save_load import adapter_state_dict, load_tensors, save_tensors_atomic, to_model_key
 from peftx.tuners.lora.embedding import LoraEmbedding
 from peftx.tuners.lora.layer import LoraLayer
@@ -36,8 +38,11 @@ def check_adapter_name(name) -> None:
                          "'modules_to_save'); pick another name")
 
 
-class PeftModel(nn.Module):
-    """A base model with named adapters. ``forward``/``generate`` pass through to the base model."""
+class PeftModel(PromptLearningMixin, ComposedPrefixMixin, nn.Module):
+    """A base model with named adapters. ``forward``/``generate`` pass through to the base model (for
+    prompt-learning methods, peftx/prompt_model.py: ``base_model`` is the model itself and the adapters
+    live in ``prompt_encoder``; for methods composing a tuner with prefix tuning (MAM, UniPELT),
+    peftx/composed_model.py: the prefix of each adapter lives in ``prefix_part``)."""
 
     _task_heads: tuple[str, ...] = ()
 
@@ -52,8 +57,14 @@ class PeftModel(nn.Module):
         self._wrapper_names: list[str] = []
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
-        self.base_model = method.tuner_cls(model, self.peft_config, adapter_name,
-                                           skip=self._heads_to_save(model, peft_config))
+        self._prompt_learning = peft_config.is_prompt_learning
+        if self._prompt_learning:
+            self._init_prompt_learning(model, peft_config, adapter_name)
+        else:
+            self.base_model = method.tuner_cls(model, self.peft_config, adapter_name,
+                                               skip=self._heads_to_save(model, peft_config))
+            if is_composed(peft_config):
+                self._add_prefix_part(adapter_name, peft_config)
         self._set_modules_to_save(adapter_name)
 
     def __getattr__(self, name):
@@ -77,7 +88,7 @@ class PeftModel(nn.Module):
         return wanted
 
     def _set_modules_to_save(self, adapter_name: str) -> None:
-        root = self.base_model.model
+        root = self.get_base_model()
         wanted = self._heads_to_save(root, self.peft_config[adapter_name])
         self.modules_to_save |= set(wanted)
         for name, module in list(root.named_modules()):
@@ -92,11 +103,22 @@ class PeftModel(nn.Module):
                 setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
             if name not in self._wrapper_names:
                 self._wrapper_names.append(name)
-        self.base_model.set_adapter(self.active_adapter)
+        if self._prompt_learning:
+            self._set_wrappers_adapter(self.active_adapter)
+        else:
+            self.base_model.set_adapter(self.active_adapter)
+
+    def _set_wrappers_adapter(self, adapter_name: str) -> None:
+        for m in self.get_base_model().modules():
+            if isinstance(m, ModulesToSaveWrapper):
+                m.set_adapter(adapter_name)
+                if self.peft_config[adapter_name].inference_mode and adapter_name in m.modules_to_save:
+                    m.modules_to_save[adapter_name].requires_grad_(False)
 
     @property
     def _wrapper_prefixes(self) -> list[str]:
-        return [f"base_model.model.{n}" for n in self._wrapper_names]
+        root = "base_model." if self._prompt_learning else "base_model.model."
+        return [f"{root}{n}" for n in self._wrapper_names]
 
     # --- forward -----------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -114,6 +136,10 @@ class PeftModel(nn.Module):
         for m in self.modules():
             if isinstance(m, (LoraLayer, LoraEmbedding)):
                 handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+        if not handles:
+            raise ValueError(f"adapter_names (a mixed-adapter batch) is not supported by "
+                             f"{getattr(self.peft_type, 'value', self.peft_type)} adapters; set_adapter() one adapter "
+                             "per batch")
         try:
             yield
         finally:
@@ -121,21 +147,45 @@ class PeftModel(nn.Module):
                 h.remove()
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        if self._prompt_learning:
+            self._no_adapter_names(adapter_names)
+            if getattr(getattr(self.base_model, "config", None), "is_encoder_decoder", False):
+                return self._prompt_forward_seq2seq(*args, **kwargs)
+            return self._prompt_forward(*args, **kwargs)
+        if "prefix_part" in self._modules:
+            kwargs, args = self._with_prefix(args, kwargs), ()
         with self._adapter_names_hooks(adapter_names):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        if self._prompt_learning:
+            self._no_adapter_names(adapter_names)
+            return self._prompt_generate(*args, **kwargs)
+        if "prefix_part" in self._modules:
+            return self._generate_with_prefix(args, kwargs)
         with self._adapter_names_hooks(adapter_names):
             return self.base_model.model.generate(*args, **kwargs)
+
+    @staticmethod
+    def _no_adapter_names(adapter_names) -> None:
+        if adapter_names is not None:
+            raise ValueError("adapter_names (a mixed-adapter batch) is not supported by prompt-learning methods; "
+                             "set_adapter() one adapter per batch")
 
     @contextlib.contextmanager
     def disable_adapter(self):
         """Within the context, the model computes as the base model."""
+        if self._prompt_learning:
+            with self._prompt_disabled_context():
+                yield
+            return
         self.base_model.enable_adapter_layers(False)
+        self._prefix_disabled = True
         try:
             yield
         finally:
             self.base_model.enable_adapter_layers(True)
+            self._prefix_disabled = False
 
     # --- adapters ---------------------------------------------------------------------------------
     @property
@@ -152,42 +202,71 @@ class PeftModel(nn.Module):
                              f"an adapter of type {getattr(peft_config.peft_type, 'value', peft_config.peft_type)} "
                              "cannot be added to it (one method per PeftModel, as HF PEFT)")
         self.peft_config[adapter_name] = peft_config
+        if self._prompt_learning:
+            try:
+                self._add_prompt_encoder(adapter_name, peft_config)
+            except Exception:
+                del self.peft_config[adapter_name]
+                raise
+            self._set_modules_to_save(adapter_name)
+            return
         try:
             self.base_model.inject_adapter(adapter_name, skip=set(self._heads_to_save(self.base_model.model, peft_config))
                                            | set(self.modules_to_save))
         except Exception:
             del self.peft_config[adapter_name]
             raise
+        if is_composed(peft_config):
+            try:
+                self._add_prefix_part(adapter_name, peft_config)
+            except Exception:
+                self.base_model.delete_adapter(adapter_name)
+                raise
         self._set_modules_to_save(adapter_name)
 
     def set_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter_name: unknown adapter {adapter_name!r}; this model has {sorted(self.peft_config)}")
         self.active_adapter = adapter_name
-        self.base_model.set_adapter(adapter_name)
+        if self._prompt_learning:
+            self._set_wrappers_adapter(adapter_name)
+        else:
+            self.base_model.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.base_model.delete_adapter(adapter_name)
+        if self._prompt_learning:
+            if adapter_name not in self.peft_config:
+                raise ValueError(f"adapter_name: unknown adapter {adapter_name!r}; this model has "
+                                 f"{sorted(self.peft_config)}")
+            self._prompt_delete(adapter_name)
+        else:
+            self.base_model.delete_adapter(adapter_name)
+            self._delete_prefix_part(adapter_name)
         if self.active_adapter == adapter_name:
             remaining = sorted(self.peft_config)
             self.active_adapter = remaining[0] if remaining else None
             if remaining:
-                self.base_model.set_adapter(remaining[0])
+                self.set_adapter(remaining[0])
 
     def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", svd_rank=None):
         check_adapter_name(adapter_name)
-        if not hasattr(self.base_model, "add_weighted_adapter"):
+        if self._prompt_learning or not hasattr(self.base_model, "add_weighted_adapter"):
             raise ValueError(f"add_weighted_adapter is not supported for {type(self.base_model).__name__} adapters")
         self.base_model.add_weighted_adapter(adapters, weights, adapter_name, combination_type, svd_rank)
 
     def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
+        if self._prompt_learning:
+            raise ValueError("prompt-learning adapters (virtual tokens) cannot be merged into the base weights; "
+                             "use the PeftModel, or unload() for the plain base model")
         return self.base_model.merge_and_unload(adapter_names)
 
     def unload(self) -> nn.Module:
+        if self._prompt_learning:
+            return self._prompt_unload()
         return self.base_model.unload()
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model.model
+        return self.base_model if self._prompt_learning else self.base_model.model
 
     # --- parameter counts --------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -215,9 +294,11 @@ class PeftModel(nn.Module):
         if name not in self.peft_config:
             raise ValueError(f"adapter_name: unknown adapter {name!r}; this model has {sorted(self.peft_config)}")
         config = self.peft_config[name]
+        if self._prompt_learning:
+            return self._prompt_state_dict(name)
         tensors = adapter_state_dict(self, name, self.base_model.prefix,
                                      lambda k: self.base_model.extra_saved_keys(k, config), self._wrapper_prefixes)
-        return self.base_model.to_file_tensors(tensors, name)
+        return {**self.base_model.to_file_tensors(tensors, name), **self._prefix_state_dict(name)}
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
                         **kwargs) -> None:
@@ -271,6 +352,10 @@ class PeftModel(nn.Module):
         self.base_model.set_adapter(self.active_adapter)
 
     def _load_adapter_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str, source) -> None:
+        if self._prompt_learning:
+            self._prompt_load(tensors, adapter_name, source)
+            return
+        tensors = self._split_prefix_tensors(tensors, adapter_name, source)
         self.base_model.before_loading_tensors(adapter_name)
         own = self.state_dict(keep_vars=True)
         prefixes = self._wrapper_prefixes
@@ -310,6 +395,7 @@ class PeftModelForSeq2SeqLM(PeftModel):
 
 class PeftModelForSequenceClassification(PeftModel):
     _task_heads = ("classifier", "score")
+    _labels_per_token = False
 
 
 class PeftModelForTokenClassification(PeftModel):
@@ -318,6 +404,7 @@ class PeftModelForTokenClassification(PeftModel):
 
 class PeftModelForQuestionAnswering(PeftModel):
     _task_heads = ("qa_outputs",)
+    _labels_per_token = False
 
 
 class PeftModelForFeatureExtraction(PeftModel):

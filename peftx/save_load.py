@@ -63,7 +63,7 @@ def load_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def _adapter_part(parts: list[str], prefix: str) -> int:
+def _adapter_part(parts: list[str], prefix: str | tuple[str, ...]) -> int:
     """Index of the key component naming the adapter's module or parameter (the last one starting
     with the method's prefix, e.g. 'lora_A', 'hada_w1_a'), or -1."""
     for i in range(len(parts) - 1, -1, -1):
@@ -72,7 +72,7 @@ def _adapter_part(parts: list[str], prefix: str) -> int:
     return -1
 
 
-def adapter_state_dict(model: torch.nn.Module, adapter_name: str, prefix: str,
+def adapter_state_dict(model: torch.nn.Module, adapter_name: str, prefix: str | tuple[str, ...],
                        extra_key: Callable[[str], bool], wrapper_prefixes: list[str]) -> dict[str, torch.Tensor]:
     """The tensors HF PEFT saves for one adapter of a PeftModel, keyed as in its files: keys holding
     the method's ``prefix`` with the adapter-name component removed; keys for which ``extra_key``
@@ -96,7 +96,8 @@ def adapter_state_dict(model: torch.nn.Module, adapter_name: str, prefix: str,
     return out
 
 
-def to_model_key(key: str, adapter_name: str, prefix: str, wrapper_prefixes: list[str]) -> str:
+def to_model_key(key: str, adapter_name: str, prefix: str | tuple[str, ...],
+                 wrapper_prefixes: list[str]) -> str:
     """Inverse of adapter_state_dict's key naming (HF PEFT's rule: the adapter name goes right after
     the component holding the prefix, or at the end when that component is the parameter)."""
     for wp in wrapper_prefixes:

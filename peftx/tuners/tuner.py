@@ -5,8 +5,9 @@ its tensors in HF PEFT's adapter files.
 
 A method subclasses BaseTuner and sets
 - ``prefix``: the start of the names of the adapter's parameters and sub-modules inside a wrapped layer
-  (``"lora_"``, ``"hada_"``, …). Saved keys are the state-dict keys holding it, with ``.<adapter>``
-  removed, exactly as HF PEFT names them.
+  (``"lora_"``, ``"hada_"``, …; a tuple for a method that injects layers of several kinds, e.g.
+  UniPELT's ``("lora_", "bottleneck_")``). Saved keys are the state-dict keys holding it, with
+  ``.<adapter>`` removed, exactly as HF PEFT names them.
 - ``layer_types``: the classes of its wrapping layers (they follow the TunerLayer protocol below).
 - ``default_targets``: its target table by transformers model_type (used when target_modules is None).
 and implements ``_create_layer`` (wrap a base module) and ``_add_to_layer`` (a new adapter in a layer
@@ -27,15 +28,14 @@ from peftx.utils_modules import ModulesToSaveWrapper, get_parent
 
 
 class BaseTuner(nn.Module):
-    prefix: str = ""
+    prefix: str | tuple[str, ...] = ""
     layer_types: tuple[type, ...] = ()
     default_targets: dict[str, list[str]] | None = None
     supports_merge: bool = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.prefix:
-            ADAPTER_PREFIXES.add(cls.prefix)
+        ADAPTER_PREFIXES.update(p for p in ((cls.prefix,) if isinstance(cls.prefix, str) else cls.prefix) if p)
 
     def __init__(self, model: nn.Module, peft_config: dict, adapter_name: str, skip: set[str] = frozenset()):
         super().__init__()
@@ -81,7 +81,7 @@ class BaseTuner(nn.Module):
         """Freezes everything but adapter parameters and modules_to_save copies, then lets the method
         unfreeze more (``_mark_extra_trainable``, e.g. biases)."""
         for name, p in self.model.named_parameters():
-            if self.prefix not in name and ".modules_to_save." not in name:
+            if not self.owns(name) and ".modules_to_save." not in name:
                 p.requires_grad_(False)
         self._mark_extra_trainable(self.peft_config[adapter_name])
         self.set_adapter(self.active_adapters_or(adapter_name))
@@ -116,7 +116,7 @@ class BaseTuner(nn.Module):
 
     def _freeze(self, adapter_name: str) -> None:
         for name, p in self.model.named_parameters():
-            if f".{adapter_name}." in name + "." and (self.prefix in name or ".modules_to_save." in name):
+            if f".{adapter_name}." in name + "." and (self.owns(name) or ".modules_to_save." in name):
                 p.requires_grad_(False)
 
     def enable_adapter_layers(self, enabled: bool = True) -> None:
@@ -162,10 +162,15 @@ class BaseTuner(nn.Module):
         return self._replace_wrappers(False)
 
     # --- adapter files -----------------------------------------------------------------------------
+    def owns(self, key: str) -> bool:
+        """Whether a parameter/state-dict name holds one of the method's prefixes."""
+        prefixes = (self.prefix,) if isinstance(self.prefix, str) else self.prefix
+        return any(p in key for p in prefixes)
+
     def is_adapter_key(self, key: str, adapter_name: str) -> bool:
         """Whether a state-dict key of the PeftModel holds a tensor of ``adapter_name``."""
         tag = f".{adapter_name}"
-        return self.prefix in key and (f"{tag}." in key or key.endswith(tag))
+        return self.owns(key) and (f"{tag}." in key or key.endswith(tag))
 
     def extra_saved_keys(self, key: str, config) -> bool:
         """Keys saved besides the adapter's own tensors (LoRA's bias option)."""
