@@ -51,6 +51,8 @@ def _virtual_positions(position_ids: torch.Tensor, v: int) -> torch.Tensor:
 class PromptLearningMixin:
     """Methods PeftModel uses when its config is a prompt-learning config."""
 
+    _labels_per_token = True  # labels align with tokens (causal LM, token classification): V ignored in front
+
     # --- setup -------------------------------------------------------------------------------------
     def _init_prompt_learning(self, model: nn.Module, config, adapter_name: str) -> None:
         self.base_model = model
@@ -154,8 +156,6 @@ class PromptLearningMixin:
         if labels is not None and self._labels_per_token:
             labels = torch.cat((labels.new_full((batch, v), -100), labels), dim=1)
         return self.base_model(inputs_embeds=inputs_embeds, labels=labels, **kwargs)
-
-    _labels_per_token = True
 
     def _prompt_forward_seq2seq(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
                                 decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, task_ids=None,

@@ -70,8 +70,13 @@ def check_left_padded_generate(pm, input_ids, pad_id=0, task_ids=None):
         mask[i, :p] = 0
     assert any(pads), "the batch must have padding"
     kw = {} if task_ids is None else {"task_ids": task_ids}
-    batch = pm.generate(input_ids=padded, attention_mask=mask, pad_token_id=pad_id, **kw, **GREEDY)
+    scores = dict(output_logits=True, return_dict_in_generate=True)
+    batch = pm.generate(input_ids=padded, attention_mask=mask, pad_token_id=pad_id, **kw, **GREEDY, **scores)
     for i, p in enumerate(pads):
         row_kw = {} if task_ids is None else {"task_ids": task_ids[i:i + 1]}
-        alone = pm.generate(input_ids=input_ids[i:i + 1, p:], pad_token_id=pad_id, **row_kw, **GREEDY)
-        assert torch.equal(batch[i, length:], alone[0, length - p:]), (i, batch[i, length:], alone[0, length - p:])
+        alone = pm.generate(input_ids=input_ids[i:i + 1, p:], pad_token_id=pad_id, **row_kw, **GREEDY, **scores)
+        seq, ref = batch.sequences[i, length:], alone.sequences[0, length - p:]
+        assert torch.equal(seq, ref), (i, seq, ref)
+        # every step's logits, not only the argmax (positions off by the padding would show here)
+        for step, (got, want) in enumerate(zip(batch.logits, alone.logits)):
+            torch.testing.assert_close(got[i], want[0], atol=1e-5, rtol=1e-5, msg=lambda m: f"row {i} step {step}: {m}")

@@ -104,10 +104,12 @@ def test_multitask_source_inits_match_hf(source_adapter, init):
 def test_multitask_source_init_errors(source_adapter, tmp_path):
     model, task, path, _ = source_adapter
     with pytest.raises(ValueError, match="needs prompt_tuning_init_state_dict_path"):
-        peftx.MultitaskPromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="EXACT_SOURCE_TASK")
+        peftx.get_peft_model(twin(model), peftx.MultitaskPromptTuningConfig(
+            task_type=task, num_virtual_tokens=3, prompt_tuning_init="EXACT_SOURCE_TASK"))
     with pytest.raises(ValueError, match="must be a .safetensors file"):
-        peftx.MultitaskPromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="EXACT_SOURCE_TASK",
-                                          prompt_tuning_init_state_dict_path="source.bin")
+        peftx.get_peft_model(twin(model), peftx.MultitaskPromptTuningConfig(
+            task_type=task, num_virtual_tokens=3, prompt_tuning_init="EXACT_SOURCE_TASK",
+            prompt_tuning_init_state_dict_path="source.bin"))
     kw = dict(task_type=task, num_virtual_tokens=3, num_ranks=2, prompt_tuning_init="EXACT_SOURCE_TASK",
               prompt_tuning_init_state_dict_path=path)
     with pytest.raises(ValueError, match=r"prompt_tuning_init_task must be in \[0, 3\)"):
@@ -118,3 +120,18 @@ def test_multitask_source_init_errors(source_adapter, tmp_path):
     pm = peftx.get_peft_model(twin(model), peftx.MultitaskPromptTuningConfig(**kw, num_tasks=2))
     cols = pm.prompt_encoder["default"].prefix_task_cols
     torch.testing.assert_close(cols[0], cols[1], atol=0, rtol=0)
+
+
+def test_multitask_adapter_from_a_source_loads_without_the_source(source_adapter, tmp_path):
+    """The saved config names the source file; loading the adapter for inference does not read it."""
+    import os
+    model, task, path, _ = source_adapter
+    kw = dict(task_type=task, num_virtual_tokens=3, num_ranks=2, prompt_tuning_init="AVERAGE_SOURCE_TASKS",
+              prompt_tuning_init_state_dict_path=path)
+    pm = peftx.get_peft_model(twin(model), peftx.MultitaskPromptTuningConfig(**kw)).eval()
+    pm.save_pretrained(tmp_path / "target")
+    os.remove(path)
+    back = peftx.PeftModel.from_pretrained(twin(model), tmp_path / "target")
+    ids = {"input_ids": torch.randint(3, 100, (1, 5)), "task_ids": torch.tensor([0])}
+    with torch.no_grad():
+        torch.testing.assert_close(back(**ids).logits, pm(**ids).logits, atol=0, rtol=0)

@@ -20,12 +20,18 @@ class MultitaskPromptEmbedding(PromptEmbedding):
         self.prefix_task_rows = nn.Parameter(torch.normal(0.0, 0.02,
                                                           size=(config.num_tasks, config.num_ranks, config.token_dim)))
         init = config.prompt_tuning_init.value
-        if init in SOURCE_INITS:
+        if init in SOURCE_INITS and not config.inference_mode:  # inference: the adapter file sets every tensor
             self._init_from_source(config, init)
 
     def _init_from_source(self, config, init: str) -> None:
         from safetensors.torch import load_file
         path = config.prompt_tuning_init_state_dict_path
+        if not path:
+            raise ValueError(f"prompt_tuning_init={init!r} needs prompt_tuning_init_state_dict_path (the source "
+                             "adapter's .safetensors file)")
+        if not str(path).endswith(".safetensors"):
+            raise ValueError(f"prompt_tuning_init_state_dict_path must be a .safetensors file (peftx never unpickles), "
+                             f"got {path!r}")
         try:
             source = load_file(path)
         except (OSError, ValueError) as e:
