@@ -16,6 +16,9 @@ from peftx.peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFeatu
 from peftx.quant.prepare import prepare_model_for_kbit_training, quantize_model
 from peftx.tuners.lora import LoraEmbedding, LoraLinear, LoraLinear4bit
 from peftx.tuners.lora.config import LoraConfig
+# LyCORIS methods (LoHa, LoKr)
+from peftx.tuners.loha import LoHaConfig, LoHaConv2d, LoHaLinear
+from peftx.tuners.lokr import LoKrConfig, LoKrConv2d, LoKrLinear
 
 __version__ = "0.1.0"
 
@@ -27,4 +30,6 @@ __all__ = [
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "TaskType",
     "get_peft_model", "nf4_matmul", "nf4_matmul_t", "nf4_quantize", "prepare_model_for_kbit_training",
     "optim", "quantize_model",
+    # LyCORIS methods (LoHa, LoKr)
+    "LoHaConfig", "LoHaConv2d", "LoHaLinear", "LoKrConfig", "LoKrConv2d", "LoKrLinear",
 ]
