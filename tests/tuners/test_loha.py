@@ -180,12 +180,12 @@ def test_hada_weight_functions_match_plain_autograd(scale):
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
-    out, inn, r = 7, 5, 3
+    out, inn, r = 5, 3, 2
     s = 0.7 if scale == "float" else torch.rand(out, generator=g, dtype=torch.float64)
     plain = (rnd(out, r), rnd(r, inn), rnd(out, r), rnd(r, inn))
     torch.testing.assert_close(hada_weight(*plain, s), hada_weight_ref(*plain, s))
     assert torch.autograd.gradcheck(lambda *a: hada_weight(*a, s), plain)
-    cp = (rnd(r, r, 3, 2), rnd(r, out), rnd(r, inn), rnd(r, r, 3, 2), rnd(r, out), rnd(r, inn))
+    cp = (rnd(r, r, 2, 3), rnd(r, out), rnd(r, inn), rnd(r, r, 2, 3), rnd(r, out), rnd(r, inn))
     torch.testing.assert_close(hada_weight_cp(*cp, s), hada_weight_cp_ref(*cp, s))
     assert torch.autograd.gradcheck(lambda *a: hada_weight_cp(*a, s), cp)
 

@@ -52,15 +52,15 @@ def _tucker(t, wa, wb):
 
 def lokr_linear_term(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """``x @ kron(w1, w2)^T`` without building the Kronecker product: x [..., c * d], w1 [a, c],
-    w2 [b, d] -> [..., a * b]. Per token X [c, d]: Y = w1 X w2^T; first ``X^T w1^T`` (a batched
-    product on a strided view, no copy), then ``(.)^T w2^T`` as one GEMM over all tokens."""
+    w2 [b, d] -> [..., a * b]. Per token X [c, d]: Y = w1 X w2^T, as one GEMM over all tokens
+    (T = X w2^T, [M * c, d] x [d, b]) and one batched product with w1 broadcast (no copy). mm and
+    bmm, not matmul: matmul's folding depends on requires_grad, and the result must not."""
     a, c = w1.shape
     b, d = w2.shape
     lead = x.shape[:-1]
-    X = x.reshape(-1, c, d)
-    U = torch.matmul(X.transpose(1, 2), w1.t())          # [M, d, a]
-    Y = torch.matmul(U.transpose(1, 2), w2.t())          # [M, a, b]
-    return Y.reshape(*lead, a * b)
+    t = torch.mm(x.reshape(-1, d), w2.t()).view(-1, c, b)      # [M, c, b]
+    y = torch.bmm(w1.expand(t.shape[0], a, c), t)               # [M, a, b]
+    return y.reshape(*lead, a * b)
 
 
 def lokr_linear_term_ref(x, w1, w2):
