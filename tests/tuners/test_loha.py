@@ -11,7 +11,8 @@ from peft.tuners.loha import layer as hf_loha
 from torch import nn
 
 import peftx
-from peftx.tuners.loha.functional import hada_weight, hada_weight_cp, hada_weight_cp_ref, hada_weight_ref
+from peftx.tuners.loha.functional import (hada_weight, hada_weight_cp, hada_weight_cp_ref, hada_weight_ref, loha_linear,
+                                         loha_linear_ref)
 from tests.integration.tiny_models import logits, make, twin
 from tests.tuners import method_checks as mc
 from tests.tuners.lycoris_helpers import CONV_TARGETS, copy_factors, factor_grads, hf_twin, make_base, make_conv
@@ -188,6 +189,22 @@ def test_hada_weight_functions_match_plain_autograd(scale):
     cp = (rnd(r, r, 2, 3), rnd(r, out), rnd(r, inn), rnd(r, r, 2, 3), rnd(r, out), rnd(r, inn))
     torch.testing.assert_close(hada_weight_cp(*cp, s), hada_weight_cp_ref(*cp, s))
     assert torch.autograd.gradcheck(lambda *a: hada_weight_cp(*a, s), cp)
+    for bias in (None, rnd(out)):
+        lin = (rnd(2, 3, inn), rnd(out, inn), bias, *plain)
+        torch.testing.assert_close(loha_linear(*lin, s), loha_linear_ref(*lin, s))
+        assert torch.autograd.gradcheck(lambda *a: loha_linear(*a, s), lin)
+
+
+def test_loha_linear_keeps_no_out_by_in_tensor_for_backward():
+    layer, _, x = _layer("linear", torch.float32)
+    x = x.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x).sum().backward()
+    own = {p.data_ptr() for p in layer.parameters()} | {x.data_ptr()}
+    extra = [tuple(t.shape) for t in saved if t.data_ptr() not in own]
+    assert saved and not extra, extra  # x, W and the factors only: no W + dW, no products
+    assert x.grad is not None and all(p.grad is not None for n, p in layer.named_parameters() if "hada_" in n)
 
 
 def test_unsupported_layer_types_are_named():

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from peftx.tuners.loha.functional import hada_weight, hada_weight_cp
+from peftx.tuners.loha.functional import hada_weight, hada_weight_cp, loha_linear
 from peftx.tuners.lycoris.layer import LycorisLayer
 
 
@@ -64,12 +64,21 @@ class LoHaLayer(LycorisLayer):
 
 
 class LoHaLinear(LoHaLayer):
-    """LoHa over an ``nn.Linear``."""
+    """LoHa over an ``nn.Linear``; one active adapter with the base's dtype runs ``loha_linear`` (the
+    update folded into the weight, nothing [out, in] kept for backward)."""
 
     def __init__(self, base_layer: nn.Linear, *args, **kwargs):
         if not isinstance(base_layer, nn.Linear):
             raise ValueError(f"base_layer must be a torch.nn.Linear, got {type(base_layer).__name__}")
         super().__init__(base_layer, *args, **kwargs)
+
+    def _adapted_forward(self, x, names):
+        base = self.base_layer
+        if len(names) > 1 or self._adapter_dtype(names[0]) != base.weight.dtype:
+            return super()._adapted_forward(x, names)
+        n = names[0]
+        return loha_linear(x, base.weight, base.bias, self.hada_w1_a[n], self.hada_w1_b[n], self.hada_w2_a[n],
+                           self.hada_w2_b[n], self._row_scale(n))
 
 
 class LoHaConv2d(LoHaLayer):
