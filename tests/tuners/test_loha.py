@@ -164,6 +164,16 @@ def test_merge_unmerge_and_disable(kind):
     torch.testing.assert_close(ours(x), ref)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_cpu_autocast_bf16_trains_and_matches_hf(kind):
+    ours, theirs, x = _layer(kind, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yo, yt = ours(x), theirs(x)
+        torch.testing.assert_close(yo.float(), yt.float(), atol=5e-2, rtol=5e-2)
+        yo.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for n, p in ours.named_parameters() if "hada_" in n)
+
+
 def test_bf16_model_keeps_fp32_factors_as_hf():
     model, inputs, _ = make("llama")
     model = model.to(torch.bfloat16)

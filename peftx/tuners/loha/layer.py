@@ -74,7 +74,8 @@ class LoHaLinear(LoHaLayer):
 
     def _adapted_forward(self, x, names):
         base = self.base_layer
-        if len(names) > 1 or self._adapter_dtype(names[0]) != base.weight.dtype:
+        if len(names) > 1 or self._adapter_dtype(names[0]) != base.weight.dtype or \
+                torch.is_autocast_enabled(x.device.type):  # autocast: plain autograd casts per op
             return super()._adapted_forward(x, names)
         n = names[0]
         return loha_linear(x, base.weight, base.bias, self.hada_w1_a[n], self.hada_w1_b[n], self.hada_w2_a[n],
