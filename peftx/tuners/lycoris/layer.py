@@ -8,8 +8,9 @@ update is folded into the weight, ``y = op(x, W + sum_a delta_a)``: one GEMM/con
 two backward (dx, dW_eff), where adding ``op(x, delta)`` to ``op(x, W)`` as HF PEFT does costs two
 forward and three backward. With a low-precision base (adapters upcast to fp32, as HF PEFT) the
 update is applied as ``op(x, W) + op(x.float(), delta)`` like HF PEFT, so the base product keeps its
-dtype and the update its precision. Subclasses may override ``_adapted_forward`` (LoKr's Linear
-never builds its Kronecker update).
+dtype and the update its precision. Subclasses override ``_adapted_forward`` where they do better:
+LoHa's Linear runs one autograd function that keeps no [out, in] tensor for backward, LoKr's Linear
+never builds its Kronecker update.
 
 Training-only regularisers, as HF PEFT: ``module_dropout`` skips an adapter for a whole forward with
 that probability; ``rank_dropout`` zeroes rows (output features) of ``delta W`` (LoHa rescales the
