@@ -159,6 +159,17 @@ def test_merge_unmerge_and_disable(kind, layout):
     torch.testing.assert_close(ours(x), ref)
 
 
+def test_unload_returns_the_untouched_base_and_disable_adapter_computes_it():
+    model, inputs, _ = make("llama")
+    pm = peftx.get_peft_model(twin(model), peftx.LoKrConfig(task_type="CAUSAL_LM", r=2, init_weights=False))
+    assert not torch.equal(logits(pm, inputs), logits(model, inputs))
+    with pm.disable_adapter():
+        torch.testing.assert_close(logits(pm, inputs), logits(model, inputs), atol=0, rtol=0)
+    plain = pm.unload()
+    assert not any(n.startswith(("hada_", "lokr_")) for name, _ in plain.named_modules() for n in name.split("."))
+    torch.testing.assert_close(logits(plain, inputs), logits(model, inputs), atol=0, rtol=0)
+
+
 def test_bf16_model_keeps_fp32_factors_as_hf():
     model, inputs, _ = make("llama")
     model = model.to(torch.bfloat16)
