@@ -30,6 +30,9 @@ from peftx.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from peftx.tuners.bottleneck import AdapterConfig, BottleneckLayer
 from peftx.tuners.mam import MAMConfig
 from peftx.tuners.unipelt import GatedLoraLinear, UniPELTConfig
+# LyCORIS methods (LoHa, LoKr)
+from peftx.tuners.loha import LoHaConfig, LoHaConv2d, LoHaLinear
+from peftx.tuners.lokr import LoKrConfig, LoKrConv2d, LoKrLinear
 
 __version__ = "0.1.0"
 
@@ -48,4 +51,6 @@ __all__ = [
     "PromptEncoderReparameterizationType", "PromptLearningConfig", "PromptTuningConfig", "PromptTuningInit",
     # Bottleneck adapters, MAM, UniPELT (peftx only)
     "AdapterConfig", "BottleneckLayer", "GatedLoraLinear", "MAMConfig", "UniPELTConfig",
+    # LyCORIS methods (LoHa, LoKr)
+    "LoHaConfig", "LoHaConv2d", "LoHaLinear", "LoKrConfig", "LoKrConv2d", "LoKrLinear",
 ]

@@ -7,6 +7,8 @@ from peftx.tuners.bitfit.config import BitFitConfig
 from peftx.tuners.bitfit.model import BitFitModel
 from peftx.tuners.ia3.config import IA3Config
 from peftx.tuners.ia3.model import IA3Model
+from peftx.tuners.loha import LoHaConfig, LoHaModel
+from peftx.tuners.lokr import LoKrConfig, LoKrModel
 from peftx.tuners.lora.config import LoraConfig
 from peftx.tuners.lora.model import LoraModel
 from peftx.tuners.registry import register_method
@@ -15,6 +17,8 @@ register_method(PeftType.LORA, LoraConfig, LoraModel)
 register_method(PeftType.ADALORA, AdaLoraConfig, AdaLoraModel)
 register_method(PeftType.IA3, IA3Config, IA3Model)
 register_method(PeftType.BITFIT, BitFitConfig, BitFitModel)
+register_method(PeftType.LOHA, LoHaConfig, LoHaModel)
+register_method(PeftType.LOKR, LoKrConfig, LoKrModel)
 
 # Prompt-learning methods wrap no module (tuner_cls None): peftx/prompt_model.py drives them.
 from peftx.tuners.multitask_prompt_tuning.config import MultitaskPromptTuningConfig  # noqa: E402

@@ -1,0 +1,1 @@
+"""What LoHa and LoKr share (HF PEFT calls the family LyCORIS)."""
