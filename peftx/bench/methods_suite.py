@@ -43,6 +43,7 @@ class Case:
     model: str                                   # "llama" (causal LM) or "bert" (sequence classification)
     peftx_config: Callable[[], object]
     hf_config: Callable[[], object] | None       # None: HF PEFT has no such method
+    extra_inputs: Callable[[int], dict] | None = None  # batch size -> extra forward kwargs (task_ids)
 
 
 def _px():
@@ -68,6 +69,34 @@ CASES = [
     Case("LoRA r=16 (BERT)", "bert", lambda: _px().LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32,
                                                                  target_modules=BERT_TARGETS),
          lambda: _hf().LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32, target_modules=BERT_TARGETS)),
+    Case("AdaLoRA 12->4", "llama", lambda: _px().AdaLoraConfig(task_type="CAUSAL_LM", init_r=12, target_r=4,
+                                                                  total_step=100, target_modules=LLAMA_TARGETS),
+         lambda: _hf().AdaLoraConfig(task_type="CAUSAL_LM", init_r=12, target_r=4, total_step=100,
+                                     target_modules=LLAMA_TARGETS)),
+    Case("IA3", "llama", lambda: _px().IA3Config(task_type="CAUSAL_LM"), lambda: _hf().IA3Config(task_type="CAUSAL_LM")),
+    Case("BitFit (BERT)", "bert", lambda: _px().BitFitConfig(task_type="SEQ_CLS"), None),
+    Case("prompt tuning 16", "llama", lambda: _px().PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16),
+         lambda: _hf().PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16)),
+    Case("P-tuning MLP 16", "llama",
+         lambda: _px().PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=16, encoder_hidden_size=128),
+         lambda: _hf().PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=16, encoder_hidden_size=128)),
+    Case("prefix tuning 16", "llama", lambda: _px().PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16),
+         lambda: _hf().PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16)),
+    Case("multitask PT 16x2", "llama",
+         lambda: _px().MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16, num_tasks=2,
+                                                   num_ranks=1),
+         lambda: _hf().MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16, num_tasks=2,
+                                                   num_ranks=1),
+         lambda b: {"task_ids": torch.zeros(b, dtype=torch.long)}),
+    Case("prompt tuning 16 (BERT)", "bert", lambda: _px().PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=16),
+         lambda: _hf().PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=16)),
+    Case("adapter houlsby rf16", "llama", lambda: _px().AdapterConfig(task_type="CAUSAL_LM", placement="houlsby",
+                                                                         form="sequential", reduction_factor=16), None),
+    Case("adapter pfeiffer parallel (BERT)", "bert",
+         lambda: _px().AdapterConfig(task_type="SEQ_CLS", placement="pfeiffer", form="parallel", reduction_factor=16),
+         None),
+    Case("MAM", "llama", lambda: _px().MAMConfig(task_type="CAUSAL_LM"), None),
+    Case("UniPELT", "llama", lambda: _px().UniPELTConfig(task_type="CAUSAL_LM"), None),
 ]
 
 
@@ -126,6 +155,8 @@ def measure_case(case: Case, repeats: int, warmup: int = 1, tiny: bool = False) 
     import peftx
     base = base_model(case.model, tiny)
     inputs = batch(case.model, base.config.vocab_size, seq=16 if tiny else SEQ)
+    if case.extra_inputs is not None:
+        inputs.update(case.extra_inputs(BATCH))
     sides = {"peftx": peftx.get_peft_model(copy.deepcopy(base), case.peftx_config())}
     if case.hf_config is not None:
         import peft
