@@ -16,6 +16,9 @@ from peftx.peft_model import (PeftModel, PeftModelForCausalLM, PeftModelForFeatu
 from peftx.quant.prepare import prepare_model_for_kbit_training, quantize_model
 from peftx.tuners.lora import LoraEmbedding, LoraLinear, LoraLinear4bit
 from peftx.tuners.lora.config import LoraConfig
+# Weight-space LoRA variants (DoRA, PiSSA / OLoRA / LoftQ inits)
+from peftx.tuners.lora.dora import DoraMagnitude
+from peftx.tuners.lora.inits import LoftQConfig
 
 __version__ = "0.1.0"
 
@@ -27,4 +30,5 @@ __all__ = [
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "TaskType",
     "get_peft_model", "nf4_matmul", "nf4_matmul_t", "nf4_quantize", "prepare_model_for_kbit_training",
     "optim", "quantize_model",
+    "DoraMagnitude", "LoftQConfig",
 ]

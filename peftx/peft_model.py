@@ -215,8 +215,9 @@ class PeftModel(nn.Module):
         if name not in self.peft_config:
             raise ValueError(f"adapter_name: unknown adapter {name!r}; this model has {sorted(self.peft_config)}")
         config = self.peft_config[name]
-        return adapter_state_dict(self, name, self.base_model.prefix,
-                                  lambda k: self.base_model.extra_saved_keys(k, config), self._wrapper_prefixes)
+        tensors = adapter_state_dict(self, name, self.base_model.prefix,
+                                     lambda k: self.base_model.extra_saved_keys(k, config), self._wrapper_prefixes)
+        return {self.base_model.file_key(k): v for k, v in tensors.items()}
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
                         **kwargs) -> None:
@@ -275,7 +276,7 @@ class PeftModel(nn.Module):
         mapped = {}
         unexpected = []
         for key, value in tensors.items():
-            target = to_model_key(key, adapter_name, self.base_model.prefix, prefixes)
+            target = to_model_key(self.base_model.key_from_file(key), adapter_name, self.base_model.prefix, prefixes)
             if target not in own:
                 unexpected.append(key)
                 continue

@@ -170,3 +170,12 @@ class BaseTuner(nn.Module):
     def extra_saved_keys(self, key: str, config) -> bool:
         """Keys saved besides the adapter's own tensors (LoRA's bias option)."""
         return False
+
+    def file_key(self, key: str) -> str:
+        """A saved key (adapter name removed) as the method's files spell it; the identity unless HF
+        PEFT renames some tensors (LoRA's DoRA magnitude)."""
+        return key
+
+    def key_from_file(self, key: str) -> str:
+        """Inverse of ``file_key``, applied to a file's keys before the adapter name is put back."""
+        return key
