@@ -102,6 +102,10 @@ class LoraLayer(nn.Module):
         if not inits.is_known_init(init_lora_weights):
             raise ValueError(f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<k>', "
                              f"'olora' or 'loftq', got {init_lora_weights!r}")
+        if inits.modifies_base(init_lora_weights) and r > min(self.in_features, self.out_features):
+            raise ValueError(f"init_lora_weights={init_lora_weights!r}: r ({r}) must be at most min(in_features, "
+                             f"out_features) ({min(self.in_features, self.out_features)}), the number of singular "
+                             "directions of the base weight")
         if inits.modifies_base(init_lora_weights) and self.merged:
             raise ValueError(f"init_lora_weights={init_lora_weights!r} rewrites the base weight, which holds merged "
                              "adapters; unmerge() first")
