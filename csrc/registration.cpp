@@ -45,6 +45,13 @@ TORCH_LIBRARY(peftx, m) {
       "lora_multi_fwd(Tensor x, Tensor base_out, Tensor lora_A, Tensor lora_B, Tensor scalings, Tensor "
       "adapter_ids) -> Tensor");
 
+  // DoRA's weight norm over an NF4 base (csrc/dora/): norm[o] = ||dequant(W)[o, :] + scale * (B A)[o, :]||_2
+  // fp32 [out_features], for W [out, in] stored as above, lora_A [r, in], lora_B [out, r]; the dense
+  // weight is never materialised. Not differentiable (DoRA detaches the norm).
+  m.def(
+      "nf4_lora_row_norm(Tensor packed, Tensor absmax, Tensor code, int blocksize, Tensor lora_A, Tensor lora_B, "
+      "float scale) -> Tensor");
+
   // Fused AdamW steps (csrc/optim/), one call for many tensors: params[i] (fp32/fp16/bf16) and its
   // state are updated in place; steps[i] is the step count of this update: incremented first when
   // increment_steps (once per distinct tensor), else already incremented by the caller.
@@ -83,6 +90,9 @@ TORCH_LIBRARY(peftx_emulate, m) {
   m.def(
       "lora_multi_kernel(Tensor x, Tensor base_out, Tensor lora_A, Tensor lora_B, Tensor scalings, Tensor "
       "adapter_ids) -> Tensor");
+  m.def(
+      "nf4_lora_row_norm_kernel(Tensor packed, Tensor absmax, Tensor code, int blocksize, Tensor lora_A, Tensor "
+      "lora_B, float scale) -> Tensor");
 
   m.def(
       "adamw_step_kernel(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] "

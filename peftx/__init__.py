@@ -33,6 +33,9 @@ from peftx.tuners.unipelt import GatedLoraLinear, UniPELTConfig
 # LyCORIS methods (LoHa, LoKr)
 from peftx.tuners.loha import LoHaConfig, LoHaConv2d, LoHaLinear
 from peftx.tuners.lokr import LoKrConfig, LoKrConv2d, LoKrLinear
+# Weight-space LoRA variants (DoRA, PiSSA / OLoRA / LoftQ inits)
+from peftx.tuners.lora.dora import DoraMagnitude
+from peftx.tuners.lora.inits import LoftQConfig
 
 __version__ = "0.1.0"
 
@@ -53,4 +56,5 @@ __all__ = [
     "AdapterConfig", "BottleneckLayer", "GatedLoraLinear", "MAMConfig", "UniPELTConfig",
     # LyCORIS methods (LoHa, LoKr)
     "LoHaConfig", "LoHaConv2d", "LoHaLinear", "LoKrConfig", "LoKrConv2d", "LoKrLinear",
+    "DoraMagnitude", "LoftQConfig",
 ]

@@ -298,7 +298,8 @@ class PeftModel(PromptLearningMixin, ComposedPrefixMixin, nn.Module):
             return self._prompt_state_dict(name)
         tensors = adapter_state_dict(self, name, self.base_model.prefix,
                                      lambda k: self.base_model.extra_saved_keys(k, config), self._wrapper_prefixes)
-        return {**self.base_model.to_file_tensors(tensors, name), **self._prefix_state_dict(name)}
+        tensors = self.base_model.to_file_tensors(tensors, name)
+        return {**{self.base_model.file_key(k): v for k, v in tensors.items()}, **self._prefix_state_dict(name)}
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
                         **kwargs) -> None:
@@ -362,7 +363,7 @@ class PeftModel(PromptLearningMixin, ComposedPrefixMixin, nn.Module):
         mapped = {}
         unexpected = []
         for key, value in tensors.items():
-            target = to_model_key(key, adapter_name, self.base_model.prefix, prefixes)
+            target = to_model_key(self.base_model.key_from_file(key), adapter_name, self.base_model.prefix, prefixes)
             if target not in own:
                 unexpected.append(key)
                 continue

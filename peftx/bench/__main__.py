@@ -13,10 +13,11 @@ import sys
 import torch
 from tqdm import tqdm
 
-from peftx.bench import e2e_suite, lora_suite, machine, methods_suite, nf4_suite, optim_suite
+from peftx.bench import dora_suite, e2e_suite, lora_suite, machine, methods_suite, nf4_suite, optim_suite
 
 SUITES = {"nf4": (nf4_suite, nf4_suite.STEPS), "lora": (lora_suite, 17), "optim": (optim_suite, 3),
-          "e2e": (e2e_suite, 4), "methods": (methods_suite, len(methods_suite.CASES) + 1)}
+          "e2e": (e2e_suite, 4), "methods": (methods_suite, len(methods_suite.CASES) + 1),
+          "dora": (dora_suite, dora_suite.STEPS)}
 
 
 def _table(rows: list[dict], dram_GBps: float | None = None) -> str:

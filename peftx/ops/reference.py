@@ -160,3 +160,27 @@ def lora_multi_ref(x: torch.Tensor, base_out: torch.Tensor, lora_A: torch.Tensor
         if rows.numel():
             y[rows] += scalings[a].float() * (x2[rows] @ lora_A[a].float().t()) @ lora_B[a].float().t()
     return y.reshape(base_out.shape)
+
+
+def nf4_lora_row_norm_ref(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                          lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """DoRA's weight norm over an NF4 base: ``||dequant(W)[o] + scale * (B A)[o]||_2`` per output row,
+    fp32 [out_features] (computed in float64 and rounded once)."""
+    out, inf = lora_B.shape[0], lora_A.shape[1]
+    w = nf4_dequantize_ref(packed, absmax, code, blocksize, (out, inf), torch.float32).double()
+    v = w + scale * (lora_B.double() @ lora_A.double())
+    return torch.linalg.vector_norm(v, dim=1).float()
+
+
+def dora_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                    lora_B: torch.Tensor, magnitude: torch.Tensor, scaling: float,
+                    x_dropped: torch.Tensor | None = None) -> torch.Tensor:
+    """DoRA over a dense ``weight`` [out, in] (HF PEFT's formula, the norm detached):
+    ``y = x W^T + b + (m/n - 1) * xd W^T + (m/n) * scaling * xd A^T B^T`` with ``n = ||W + scaling B A||``
+    per output row and ``xd`` the dropped-out input (``x`` when there is no dropout, which reduces it
+    to ``(m/n) * (x W^T + scaling x A^T B^T) + b``)."""
+    xd = x if x_dropped is None else x_dropped
+    norm = torch.linalg.vector_norm(weight + scaling * (lora_B @ lora_A).detach(), dim=1).detach()
+    factor = magnitude / norm
+    y = x @ weight.t() + (factor - 1) * (xd @ weight.t()) + factor * scaling * ((xd @ lora_A.t()) @ lora_B.t())
+    return y if bias is None else y + bias

@@ -183,3 +183,13 @@ class BaseTuner(nn.Module):
     def before_loading_tensors(self, adapter_name: str) -> None:
         """Called after a loaded adapter is injected and before its file's tensors are copied in
         (AdaLoRA shrinks its layers to the file's rank_pattern here)."""
+        return None
+
+    def file_key(self, key: str) -> str:
+        """A saved key (adapter name removed) as the method's files spell it; the identity unless HF
+        PEFT renames some tensors (LoRA's DoRA magnitude)."""
+        return key
+
+    def key_from_file(self, key: str) -> str:
+        """Inverse of ``file_key``, applied to a file's keys before the adapter name is put back."""
+        return key

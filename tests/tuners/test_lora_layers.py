@@ -290,7 +290,8 @@ def test_embedding_lora():
     (dict(adapter_name="update"), "collides with an attribute name"),
     (dict(adapter_name="base_layer"), "collides with an attribute name"),
     (dict(adapter_name="__base__"), "reserved"),
-    (dict(init_lora_weights="pissa"), "init_lora_weights must be"),
+    (dict(init_lora_weights="eva"), "init_lora_weights must be"),
+    (dict(init_lora_weights="pissa"), r"r \(8\) must be at most min\(in_features, out_features\) \(4\)"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

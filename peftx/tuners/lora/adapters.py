@@ -17,20 +17,23 @@ class AdapterSpec:
     lora_alpha: float
     lora_dropout: float
     use_rslora: bool
+    use_dora: bool = False
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-def check_spec(r, lora_alpha, lora_dropout, use_rslora) -> AdapterSpec:
+def check_spec(r, lora_alpha, lora_dropout, use_rslora, use_dora=False) -> AdapterSpec:
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise ValueError(f"r must be a positive integer, got {r!r}")
     if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or not lora_alpha > 0:
         raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
     if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-    return AdapterSpec(r, float(lora_alpha), float(lora_dropout), bool(use_rslora))
+    if not isinstance(use_dora, bool):
+        raise ValueError(f"use_dora must be True or False, got {use_dora!r}")
+    return AdapterSpec(r, float(lora_alpha), float(lora_dropout), bool(use_rslora), use_dora)
 
 
 def check_new_name(layer: nn.Module, name) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from peftx.config import PeftConfig, PeftType
+from peftx.tuners.lora.inits import LoftQConfig, is_known_init
 
 
 @dataclass
@@ -24,7 +26,9 @@ class LoraConfig(PeftConfig):
     modules_to_save: list[str] | None = field(default=None, metadata={
         "help": "Modules trained fully and saved with the adapter (e.g. a classifier head)."})
     init_lora_weights: bool | str = field(default=True, metadata={
-        "help": "True: A kaiming-uniform, B zero (output unchanged at init); 'gaussian'; False: both random."})
+        "help": "True: A kaiming-uniform, B zero (output unchanged at init); 'gaussian'; False: both random; "
+                "'pissa' / 'pissa_niter_<k>' (principal singular vectors, residual written into the base "
+                "weight), 'olora' (QR), 'loftq' (with loftq_config; see peftx/tuners/lora/inits.py)."})
     layers_to_transform: list[int] | int | None = field(default=None, metadata={
         "help": "Only these layer indices (as found in module names such as 'layers.3.')."})
     layers_pattern: list[str] | str | None = field(default=None, metadata={
@@ -33,6 +37,11 @@ class LoraConfig(PeftConfig):
         "help": "Per-module rank overrides: {regex matched at the end of the module name: r}."})
     alpha_pattern: dict = field(default_factory=dict, metadata={
         "help": "Per-module alpha overrides: {regex matched at the end of the module name: alpha}."})
+    loftq_config: LoftQConfig | dict = field(default_factory=dict, metadata={
+        "help": "LoftQ settings ({'loftq_bits': 4, 'loftq_iter': 1}) for init_lora_weights='loftq'."})
+    use_dora: bool = field(default=False, metadata={
+        "help": "DoRA: a trained magnitude per output feature over the normalised W + scaling * B A "
+                "(nn.Linear, Conv1D and peftx.Linear4bit targets)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -49,8 +58,19 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        if not is_known_init(self.init_lora_weights):
+            raise ValueError(f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<k>', 'olora' "
+                             f"or 'loftq', got {self.init_lora_weights!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora must be True or False, got {self.use_dora!r}")
+        if isinstance(self.loftq_config, LoftQConfig):
+            self.loftq_config = vars(self.loftq_config)  # as HF PEFT: a plain dict in adapter_config.json
+        if self.init_lora_weights == "loftq" and not self.loftq_config:
+            raise ValueError("loftq_config must be given when init_lora_weights is 'loftq', e.g. "
+                             "loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1)")
+        if self.init_lora_weights != "loftq" and self.loftq_config:
+            warnings.warn("loftq_config is ignored unless init_lora_weights='loftq'", stacklevel=2)
+            self.loftq_config = {}
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pattern, dict):
                 raise ValueError(f"{name} must be a dict of regex -> value, got {type(pattern).__name__}")

@@ -11,6 +11,7 @@ from torch import nn
 from peftx.quant.linear4bit import Linear4bit
 from peftx.tuners.lora.config import LoraConfig
 from peftx.tuners.lora.embedding import LoraEmbedding
+from peftx.tuners.lora.inits import modifies_base
 from peftx.tuners.lora.layer import LoraLayer, LoraLinear, LoraLinear4bit
 from peftx.tuners.targets import _is_conv1d, pattern_value
 from peftx.tuners.tuner import BaseTuner
@@ -18,10 +19,22 @@ from peftx.tuners.tuner import BaseTuner
 LORA_LAYERS = (LoraLayer, LoraEmbedding)
 
 
-def make_lora_layer(target: nn.Module, adapter_name: str, r: int, alpha: float, config: LoraConfig) -> nn.Module:
+def make_lora_layer(target: nn.Module, adapter_name: str, r: int, alpha: float, config: LoraConfig,
+                    name: str = "") -> nn.Module:
     """The LoRA wrapper for a base module, chosen by the base module's type."""
     kw = dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
               init_lora_weights=config.init_lora_weights, adapter_name=adapter_name)
+    if isinstance(target, nn.Embedding):
+        unsupported = ["use_dora=True" if config.use_dora else "",
+                       f"init_lora_weights={config.init_lora_weights!r}" if modifies_base(config.init_lora_weights)
+                       else ""]
+        unsupported = [u for u in unsupported if u]
+        if unsupported:
+            raise ValueError(f"{', '.join(unsupported)} is not supported for nn.Embedding targets (this model's "
+                             f"{name!r}); supported: torch.nn.Linear, transformers Conv1D, peftx.Linear4bit. "
+                             "Remove the embedding from target_modules (or add it to exclude_modules)")
+        return LoraEmbedding(target, **kw)
+    kw.update(use_dora=config.use_dora, loftq_config=config.loftq_config)
     if isinstance(target, Linear4bit):
         return LoraLinear4bit(target, **kw)
     if isinstance(target, nn.Linear):
@@ -29,10 +42,10 @@ def make_lora_layer(target: nn.Module, adapter_name: str, r: int, alpha: float, 
     if _is_conv1d(target):
         config.fan_in_fan_out = True
         return LoraLinear(target, fan_in_fan_out=True, **kw)
-    if isinstance(target, nn.Embedding):
-        return LoraEmbedding(target, **kw)
-    raise ValueError(f"target module of type {type(target).__name__} is not supported by LoRA; supported: "
-                     "torch.nn.Linear, torch.nn.Embedding, transformers Conv1D, peftx.Linear4bit")
+    raise ValueError(f"target module {name!r} of type {type(target).__name__} is not supported by LoRA"
+                     f"{' (use_dora=True)' if config.use_dora else ''}; supported: torch.nn.Linear, transformers "
+                     "Conv1D, peftx.Linear4bit (and torch.nn.Embedding without DoRA). Remove it from target_modules "
+                     "(or add it to exclude_modules)")
 
 
 class LoraModel(BaseTuner):
@@ -41,11 +54,17 @@ class LoraModel(BaseTuner):
 
     def _create_layer(self, target: nn.Module, adapter_name: str, config: LoraConfig, name: str) -> nn.Module:
         r, alpha = self._rank_alpha(config, name)
-        return make_lora_layer(target, adapter_name, r, alpha, config)
+        return make_lora_layer(target, adapter_name, r, alpha, config, name)
 
     def _add_to_layer(self, layer: nn.Module, adapter_name: str, config: LoraConfig, name: str) -> None:
         r, alpha = self._rank_alpha(config, name)
-        layer.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+        if isinstance(layer, LoraEmbedding):
+            if config.use_dora or modifies_base(config.init_lora_weights):
+                make_lora_layer(layer.base_layer, adapter_name, r, alpha, config, name)  # raises the error
+            layer.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+            return
+        layer.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights,
+                          use_dora=config.use_dora, loftq_config=config.loftq_config)
 
     @staticmethod
     def _rank_alpha(config: LoraConfig, name: str) -> tuple[int, float]:
@@ -66,6 +85,16 @@ class LoraModel(BaseTuner):
         # bias='all' takes every '.bias' key, wrapper copies included, exactly as HF PEFT does.
         return (config.bias == "all" and key.endswith(".bias")) or \
             (config.bias == "lora_only" and key.endswith(".base_layer.bias"))
+
+    # HF PEFT writes DoRA's magnitude (module lora_magnitude_vector.<adapter>, parameter weight) as
+    # '...lora_magnitude_vector', the key of its older ParameterDict layout; it reads that key back.
+    _MAGNITUDE = ".lora_magnitude_vector"
+
+    def file_key(self, key: str) -> str:
+        return key.removesuffix(".weight") if key.endswith(self._MAGNITUDE + ".weight") else key
+
+    def key_from_file(self, key: str) -> str:
+        return key + ".weight" if key.endswith(self._MAGNITUDE) else key
 
     def lora_layers(self):
         return self.adapter_layers()

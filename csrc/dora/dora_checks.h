@@ -1,0 +1,34 @@
+// Argument checks of peftx::nf4_lora_row_norm, shared by the CPU and CUDA registrations so both
+// devices reject the same inputs with the same messages.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "common/checks.h"
+#include "nf4/nf4_checks.h"
+
+namespace peftx {
+namespace dora {
+
+constexpr const char* kRowNorm = "nf4_lora_row_norm";
+
+// W [out, in] 4-bit (packed, absmax, code, blocksize), lora_A [r, in], lora_B [out, r] (float32,
+// float16 or bfloat16; the norm is computed in fp32). Returns {A, B} as contiguous fp32.
+inline std::pair<at::Tensor, at::Tensor> check_row_norm_args(const at::Tensor& packed, const at::Tensor& absmax,
+                                                             const at::Tensor& code, int64_t blocksize,
+                                                             const at::Tensor& lora_A, const at::Tensor& lora_B) {
+  constexpr const char* op = kRowNorm;
+  TORCH_CHECK(lora_A.dim() == 2, op, ": lora_A must be 2-D [r, in_features], got shape ", lora_A.sizes());
+  TORCH_CHECK(lora_B.dim() == 2 && lora_B.size(1) == lora_A.size(0), op,
+              ": lora_B must have shape [out_features, ", lora_A.size(0), "] (r of lora_A), got ", lora_B.sizes());
+  PEFTX_CHECK_DTYPE_FLOAT(op, "lora_A", lora_A);
+  PEFTX_CHECK_DTYPE_FLOAT(op, "lora_B", lora_B);
+  const int64_t out = lora_B.size(0), in = lora_A.size(1);
+  nf4::check_state(op, packed, absmax, code, blocksize, out * in);
+  PEFTX_CHECK_SAME_DEVICE(op, "lora_A", lora_A, packed);
+  PEFTX_CHECK_SAME_DEVICE(op, "lora_B", lora_B, packed);
+  return {lora_A.to(at::kFloat).contiguous(), lora_B.to(at::kFloat).contiguous()};
+}
+
+}  // namespace dora
+}  // namespace peftx
