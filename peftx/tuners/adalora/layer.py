@@ -30,6 +30,7 @@ class AdaLoraSpec:
     lora_alpha: float
     lora_dropout: float
     ranknum: float      # the rank the adapter was created with; the scale divides by it
+    use_dora: bool = False  # AdaLoRA has no DoRA form (LoraLayer's forward asks)
 
     @property
     def scaling(self) -> float:
@@ -63,7 +64,12 @@ class AdaLoraLinear(LoraLinear):
 
     def add_adapter(self, adapter_name: str, r: int = 12, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: bool | str = True,
-                    autocast_adapter_dtype: bool = True) -> None:
+                    autocast_adapter_dtype: bool = True, *, use_dora: bool = False,
+                    loftq_config=None) -> None:
+        if use_dora or loftq_config is not None or init_lora_weights not in (True, False):
+            raise ValueError("AdaLoRA adapters take neither use_dora, loftq_config nor a base-rewriting "
+                             f"init_lora_weights (got use_dora={use_dora}, init_lora_weights={init_lora_weights!r}); "
+                             "use LoraConfig for DoRA / PiSSA / OLoRA / LoftQ")
         self._ensure_svd_dicts()
         check_new_name(self, adapter_name)
         if not isinstance(r, int) or isinstance(r, bool) or r < 0:
