@@ -45,6 +45,7 @@ class AdaLoraSpec:
 
 class AdaLoraLinear(LoraLinear):
     """SVD-form adapters; see the module docstring. ``r`` is the initial rank (``init_r``)."""
+    adapter_containers = ("lora_A", "lora_E", "lora_B")
 
     def __init__(self, base: nn.Module, r: int = 12, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  init_lora_weights: bool | str = True, adapter_name: str = "default",
@@ -98,13 +99,7 @@ class AdaLoraLinear(LoraLinear):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        del self.lora_E[adapter_name], self.ranknum[adapter_name]
-
-    def _sync_requires_grad(self) -> None:
-        for n in self.adapters:
-            train = n in self.active_adapters and not self.disable_adapters
-            for d in (self.lora_A, self.lora_E, self.lora_B):
-                d[n].requires_grad_(train)
+        del self.ranknum[adapter_name]  # a frozen buffer-like parameter, not a trained container
 
     def resize(self, adapter_name: str, keep: torch.Tensor | list[bool]) -> None:
         """Keeps only the singular triplets where ``keep`` is true (a loaded rank_pattern); ranknum,

@@ -15,13 +15,15 @@ from torch import nn
 from torch.func import functional_call
 
 from peftx.tuners.lora.adapters import check_new_name
+from peftx.tuners.tuner_layer import TunerLayer
 
 
 def has_bias(module: nn.Module) -> bool:
     return isinstance(module._parameters.get("bias"), nn.Parameter)
 
 
-class BitFitLayer(nn.Module):
+class BitFitLayer(TunerLayer):
+    adapter_containers = ("bitfit_bias",)
     def __init__(self, base: nn.Module, adapter_name: str = "default"):
         super().__init__()
         if not has_bias(base):
@@ -59,30 +61,6 @@ class BitFitLayer(nn.Module):
         if not self.active_adapters:
             self.active_adapters = [adapter_name]
         self._sync_requires_grad()
-
-    def set_adapter(self, adapter_names) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for n in names:
-            if n not in self.adapters:
-                raise ValueError(f"adapter_names: unknown adapter {n!r}; this layer has {sorted(self.adapters)}")
-        self.active_adapters = names
-        self._sync_requires_grad()
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.adapters:
-            raise ValueError(f"adapter_name: unknown adapter {adapter_name!r}; this layer has {sorted(self.adapters)}")
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged into the base bias; unmerge() before deleting it")
-        del self.bitfit_bias[adapter_name], self.adapters[adapter_name]
-        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
-
-    def enable_adapters(self, enabled: bool) -> None:
-        self.disable_adapters = not enabled
-        self._sync_requires_grad()
-
-    def _sync_requires_grad(self) -> None:
-        for n in self.adapters:
-            self.bitfit_bias[n].requires_grad_(n in self.active_adapters and not self.disable_adapters)
 
     def _bias(self, names: list[str]) -> torch.Tensor:
         if len(names) == 1:

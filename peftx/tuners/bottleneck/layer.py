@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from peftx.tuners.bottleneck.config import NON_LINEARITIES, check_adapter_args
 from peftx.tuners.lora.adapters import check_new_name
 from peftx.tuners.targets import _is_conv1d
+from peftx.tuners.tuner_layer import TunerLayer
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu, "tanh": torch.tanh}
@@ -54,7 +55,8 @@ def bottleneck_width(hidden: int, reduction_factor: float, bottleneck_size: int 
     return width
 
 
-class BottleneckLayer(nn.Module):
+class BottleneckLayer(TunerLayer):
+    adapter_containers = ("bottleneck_down", "bottleneck_up", "bottleneck_gate")
     def __init__(self, base_layer: nn.Module, input_module: nn.Module | None = None):
         super().__init__()
         self.base_layer = base_layer
@@ -117,33 +119,9 @@ class BottleneckLayer(nn.Module):
         self._sync_hook()
         self._sync_requires_grad()
 
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for n in names:
-            if n not in self.adapters:
-                raise ValueError(f"adapter_names: unknown adapter {n!r}; this layer has {sorted(self.adapters)}")
-        self.active_adapters = names
-        self._sync_requires_grad()
-
     def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.adapters:
-            raise ValueError(f"adapter_name: unknown adapter {adapter_name!r}; this layer has {sorted(self.adapters)}")
-        del self.bottleneck_down[adapter_name], self.bottleneck_up[adapter_name], self.adapters[adapter_name]
-        if adapter_name in self.bottleneck_gate:
-            del self.bottleneck_gate[adapter_name]
-        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+        super().delete_adapter(adapter_name)
         self._sync_hook()
-
-    def enable_adapters(self, enabled: bool) -> None:
-        self.disable_adapters = not enabled
-        self._sync_requires_grad()
-
-    def _sync_requires_grad(self) -> None:
-        for n in self.adapters:
-            train = n in self.active_adapters and not self.disable_adapters
-            for d in (self.bottleneck_down, self.bottleneck_up, self.bottleneck_gate):
-                if n in d:
-                    d[n].requires_grad_(train)
 
     # --- the parallel form's input ------------------------------------------------------------------
     def _sync_hook(self) -> None:

@@ -15,9 +15,11 @@ from torch import nn
 
 from peftx.tuners.lora.adapters import check_new_name
 from peftx.tuners.targets import _is_conv1d
+from peftx.tuners.tuner_layer import TunerLayer
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(TunerLayer):
+    adapter_containers = ("ia3_l",)
     def __init__(self, base: nn.Module, is_feedforward: bool = False, init_ia3_weights: bool = True,
                  adapter_name: str = "default"):
         super().__init__()
@@ -61,30 +63,6 @@ class IA3Linear(nn.Module):
         if not self.active_adapters:
             self.active_adapters = [adapter_name]
         self._sync_requires_grad()
-
-    def set_adapter(self, adapter_names) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for n in names:
-            if n not in self.adapters:
-                raise ValueError(f"adapter_names: unknown adapter {n!r}; this layer has {sorted(self.adapters)}")
-        self.active_adapters = names
-        self._sync_requires_grad()
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.adapters:
-            raise ValueError(f"adapter_name: unknown adapter {adapter_name!r}; this layer has {sorted(self.adapters)}")
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before deleting it")
-        del self.ia3_l[adapter_name], self.adapters[adapter_name]
-        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
-
-    def enable_adapters(self, enabled: bool) -> None:
-        self.disable_adapters = not enabled
-        self._sync_requires_grad()
-
-    def _sync_requires_grad(self) -> None:
-        for n in self.adapters:
-            self.ia3_l[n].requires_grad_(n in self.active_adapters and not self.disable_adapters)
 
     # --- merging ---------------------------------------------------------------------------------
     def _weight_factor(self, name: str) -> torch.Tensor:

@@ -22,6 +22,7 @@ from peftx.quant.linear4bit import Linear4bit
 from peftx.quant.nf4_weight import NF4Weight
 from peftx.tuners.lora import dora, inits
 from peftx.tuners.lora.adapters import BASE_ADAPTER, AdapterSpec, check_new_name, check_spec
+from peftx.tuners.tuner_layer import TunerLayer
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ def _is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(TunerLayer):
+    adapter_containers = ("lora_A", "lora_B", "lora_magnitude_vector")
     """Named adapters over a frozen ``base_layer``; subclasses say how the base computes."""
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int):
@@ -142,37 +144,6 @@ class LoraLayer(nn.Module):
     def _dora_norm(self, name: str) -> torch.Tensor:
         """``||W + s B A||`` per output row (fp32, detached) for the unmerged base weight W."""
         raise NotImplementedError
-
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for n in names:
-            if n not in self.adapters:
-                raise ValueError(f"adapter_names: unknown adapter {n!r}; this layer has {sorted(self.adapters)}")
-        self.active_adapters = names
-        self._sync_requires_grad()
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.adapters:
-            raise ValueError(f"adapter_name: unknown adapter {adapter_name!r}; this layer has {sorted(self.adapters)}")
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before deleting it")
-        del self.lora_A[adapter_name], self.lora_B[adapter_name], self.adapters[adapter_name]
-        if adapter_name in self.lora_magnitude_vector:
-            del self.lora_magnitude_vector[adapter_name]
-        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
-
-    def enable_adapters(self, enabled: bool) -> None:
-        self.disable_adapters = not enabled
-        self._sync_requires_grad()
-
-    def _sync_requires_grad(self) -> None:
-        # As HF PEFT: active adapters train, inactive ones are frozen.
-        for n in self.adapters:
-            train = n in self.active_adapters and not self.disable_adapters
-            self.lora_A[n].weight.requires_grad_(train)
-            self.lora_B[n].weight.requires_grad_(train)
-            if n in self.lora_magnitude_vector:
-                self.lora_magnitude_vector[n].weight.requires_grad_(train)
 
     # --- merging ---------------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

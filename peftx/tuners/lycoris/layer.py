@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftx.tuners.lora.adapters import check_new_name
+from peftx.tuners.tuner_layer import TunerLayer
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -49,10 +50,14 @@ def check_base(base: nn.Module, method: str) -> None:
                          "torch.nn.Linear, torch.nn.Conv2d")
 
 
-class LycorisLayer(nn.Module):
+class LycorisLayer(TunerLayer):
     """Named adapters over a frozen ``base_layer``; subclasses create the factors and build deltas."""
 
     param_names: tuple[str, ...] = ()  # the ParameterDicts holding the factors (HF PEFT's names)
+
+    @property
+    def adapter_containers(self) -> tuple[str, ...]:
+        return self.param_names
     method = ""
 
     def __init__(self, base_layer: nn.Module):
@@ -123,35 +128,6 @@ class LycorisLayer(nn.Module):
 
     def _factors(self, name: str) -> list[nn.Parameter]:
         return [getattr(self, p)[name] for p in self.param_names if name in getattr(self, p)]
-
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for n in names:
-            if n not in self.adapters:
-                raise ValueError(f"adapter_names: unknown adapter {n!r}; this layer has {sorted(self.adapters)}")
-        self.active_adapters = names
-        self._sync_requires_grad()
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.adapters:
-            raise ValueError(f"adapter_name: unknown adapter {adapter_name!r}; this layer has {sorted(self.adapters)}")
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before deleting it")
-        for p in self.param_names:
-            getattr(self, p).pop(adapter_name, None)
-        del self.adapters[adapter_name]
-        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
-
-    def enable_adapters(self, enabled: bool) -> None:
-        self.disable_adapters = not enabled
-        self._sync_requires_grad()
-
-    def _sync_requires_grad(self) -> None:
-        # As HF PEFT: active adapters train, inactive ones are frozen.
-        for n in self.adapters:
-            train = n in self.active_adapters and not self.disable_adapters
-            for p in self._factors(n):
-                p.requires_grad_(train)
 
     # --- the update ---------------------------------------------------------------------------------
     def _delta(self, name: str, scale: float | torch.Tensor) -> torch.Tensor:
