@@ -4,8 +4,9 @@ the same process, timed interleaved (peftx, HF, peftx, HF, ...).
 
 Models are built from transformers configs with random fp32 weights: a Llama (hidden 512,
 intermediate 1408, 4 layers, 8 heads, vocab 4096; batch 4 x seq 128, causal-LM loss) and a BERT
-of the same width for encoder-only cases (sequence classification). Adapters sit on every
-projection (q, k, v, o, gate, up, down; BERT: query, key, value, dense).
+of the same width for encoder-only cases (sequence classification); positions up to 2 x seq leave
+room for virtual tokens. LoRA-family cases put adapters on every projection (q, k, v, o, gate, up,
+down; BERT: query, key, value, dense); the others use each method's defaults (the case table).
 
 A layer row adds LoKr on one 4096 x 4096 Linear (r=8: W1 and W2 64 x 64, full), 512 tokens,
 forward + backward: peftx applies W1 and W2 to the tokens, HF PEFT materialises kron(W1, W2).
@@ -114,10 +115,10 @@ def base_model(kind: str, tiny: bool = False):
         dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8)
     vocab = 128 if tiny else 4096
     if kind == "llama":
-        cfg = tf.LlamaConfig(vocab_size=vocab, max_position_embeddings=SEQ, **width)
+        cfg = tf.LlamaConfig(vocab_size=vocab, max_position_embeddings=2 * SEQ, **width)
         return tf.LlamaForCausalLM(cfg)
     if kind == "bert":
-        cfg = tf.BertConfig(vocab_size=vocab, max_position_embeddings=SEQ, num_labels=2, **width)
+        cfg = tf.BertConfig(vocab_size=vocab, max_position_embeddings=2 * SEQ, num_labels=2, **width)
         return tf.BertForSequenceClassification(cfg)
     raise ValueError(f"model kind must be 'llama' or 'bert', got {kind!r}")
 
