@@ -14,6 +14,19 @@ from torch import nn
 class TunerLayer(nn.Module):
     adapter_containers: tuple[str, ...] = ()
 
+    # --- the base layer's tensors, for code that reads module.weight (weight tying, transformers utils)
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def merged(self) -> bool:
+        return bool(getattr(self, "merged_adapters", ()))
+
     def _containers(self):
         return [getattr(self, c) for c in self.adapter_containers]
 

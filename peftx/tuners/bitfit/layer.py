@@ -48,10 +48,6 @@ class BitFitLayer(TunerLayer):
                 raise
             return getattr(self.base_layer, name)
 
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
     def add_adapter(self, adapter_name: str) -> None:
         check_new_name(self, adapter_name)
         b = self.base_layer.bias.detach()

@@ -74,14 +74,6 @@ class BottleneckLayer(TunerLayer):
         for p in base_layer.parameters():
             p.requires_grad_(False)
 
-    @property
-    def weight(self):
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return getattr(self.base_layer, "bias", None)
-
     # --- adapters -----------------------------------------------------------------------------------
     def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
         w = self.base_layer.weight

@@ -39,18 +39,6 @@ class IA3Linear(TunerLayer):
             p.requires_grad_(False)
         self.add_adapter(adapter_name, init_ia3_weights)
 
-    @property
-    def weight(self):
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
     def add_adapter(self, adapter_name: str, init_ia3_weights: bool = True) -> None:
         check_new_name(self, adapter_name)
         w = self.base_layer.weight

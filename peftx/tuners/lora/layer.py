@@ -57,15 +57,6 @@ class LoraLayer(TunerLayer):
         for p in base_layer.parameters():
             p.requires_grad_(False)
 
-    # --- the base layer's tensors, for code that reads module.weight (weight tying, transformers utils)
-    @property
-    def weight(self):
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return getattr(self.base_layer, "bias", None)
-
     # --- HF PEFT-style views of the hyper-parameters ------------------------------------------
     @property
     def r(self) -> dict[str, int]:
@@ -82,10 +73,6 @@ class LoraLayer(TunerLayer):
     @property
     def use_dora(self) -> dict[str, bool]:
         return {k: v.use_dora for k, v in self.adapters.items()}
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
 
     # --- adapter management ---------------------------------------------------------------------
     def _adapter_device_dtype(self) -> tuple[torch.device, torch.dtype]:

@@ -78,15 +78,6 @@ class LycorisLayer(TunerLayer):
         for p in base_layer.parameters():
             p.requires_grad_(False)
 
-    # --- the base layer's tensors, for code that reads module.weight ------------------------------
-    @property
-    def weight(self):
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
-
     # --- HF PEFT-style views of the hyper-parameters ----------------------------------------------
     @property
     def r(self) -> dict[str, int]:
@@ -99,10 +90,6 @@ class LycorisLayer(TunerLayer):
     @property
     def scaling(self) -> dict[str, float]:
         return {k: v.scaling for k, v in self.adapters.items()}
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
 
     # --- adapter management -----------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, r: int, alpha: float, config, autocast_adapter_dtype: bool = True) -> None:
