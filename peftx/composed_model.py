@@ -17,7 +17,6 @@ num_layers * 2 * token_dim], as prefix tuning saves it) and for a gated prefix `
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 from peftx.tuners.prefix_tuning.cache import (accepts_past_key_values, extend_attention_mask, prefix_cache,
                                               prefix_forward_kwargs)
 from peftx.tuners.prefix_tuning.encoder import PrefixEncoder
+from peftx.utils_modules import patch_prepare_inputs
 
 PREFIX_KEYS = ("prompt_embeddings", "prefix_gate.weight", "prefix_gate.bias")
 
@@ -181,7 +181,7 @@ class ComposedPrefixMixin:
             if not encoder_decoder and inputs.get("position_ids") is not None:
                 inputs["position_ids"] = inputs["position_ids"] + v
             return inputs
-        with _prepare_hook(model, prepare):
+        with patch_prepare_inputs(model, prepare):
             return model.generate(**kwargs)
 
     def _prefix_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -201,22 +201,3 @@ class ComposedPrefixMixin:
         parts = self._modules.get("prefix_part")
         if parts is not None and adapter_name in parts:
             del parts[adapter_name]
-
-
-@contextlib.contextmanager
-def _prepare_hook(model: nn.Module, prepare):
-    """Runs ``prepare`` on what ``model.prepare_inputs_for_generation`` returns, for the duration."""
-    had_own = "prepare_inputs_for_generation" in model.__dict__
-    saved = model.__dict__.get("prepare_inputs_for_generation")
-    original = model.prepare_inputs_for_generation
-
-    def hooked(*args, **kwargs):
-        return prepare(original(*args, **kwargs))
-    model.prepare_inputs_for_generation = hooked
-    try:
-        yield
-    finally:
-        if had_own:
-            model.prepare_inputs_for_generation = saved
-        else:
-            del model.prepare_inputs_for_generation

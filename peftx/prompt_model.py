@@ -24,7 +24,7 @@ from torch import nn
 
 from peftx.tuners.prefix_tuning.cache import (accepts_past_key_values, extend_attention_mask, prefix_cache,
                                               prefix_forward_kwargs)
-from peftx.utils_modules import ModulesToSaveWrapper, get_parent
+from peftx.utils_modules import ModulesToSaveWrapper, get_parent, patch_prepare_inputs
 
 PREFIX = "PREFIX_TUNING"
 MULTITASK = "MULTITASK_PROMPT_TUNING"
@@ -193,24 +193,6 @@ class PromptLearningMixin:
         return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
     # --- generate ----------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _generation_hook(self, prepare):
-        model = self.base_model
-        had_own = "prepare_inputs_for_generation" in model.__dict__
-        saved = model.__dict__.get("prepare_inputs_for_generation")
-        original = model.prepare_inputs_for_generation
-
-        def hooked(*args, **kwargs):
-            return prepare(original(*args, **kwargs))
-        model.prepare_inputs_for_generation = hooked
-        try:
-            yield
-        finally:
-            if had_own:
-                model.prepare_inputs_for_generation = saved
-            else:
-                del model.prepare_inputs_for_generation
-
     def _prompt_generate(self, *args, task_ids=None, **kwargs):
         if self._prompt_disabled:
             return self.base_model.generate(*args, **kwargs)
@@ -254,7 +236,7 @@ class PromptLearningMixin:
                 inputs["inputs_embeds"], _ = self._embed_with_prompts(ids, embeds, tasks)
                 inputs["input_ids"] = None
             return inputs
-        with self._generation_hook(prepare):
+        with patch_prepare_inputs(self.base_model, prepare):
             return self.base_model.generate(**kwargs)
 
     def _prompt_generate_seq2seq(self, config, task_ids, kwargs):
@@ -268,7 +250,7 @@ class PromptLearningMixin:
                 if isinstance(inputs.get("decoder_attention_mask"), torch.Tensor):
                     inputs["decoder_attention_mask"] = extend_attention_mask(inputs["decoder_attention_mask"], v)
                 return inputs
-            with self._generation_hook(prepare):
+            with patch_prepare_inputs(self.base_model, prepare):
                 return self.base_model.generate(**kwargs)
         if kwargs.get("encoder_outputs") is not None:
             raise ValueError("encoder_outputs: the prompts go into the encoder; pass input_ids instead")

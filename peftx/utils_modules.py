@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 from torch import nn
@@ -10,6 +11,26 @@ from torch import nn
 def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+@contextlib.contextmanager
+def patch_prepare_inputs(model: nn.Module, prepare):
+    """Runs ``prepare`` on what ``model.prepare_inputs_for_generation`` returns, for the duration
+    (restoring an instance-level override if the model had one)."""
+    had_own = "prepare_inputs_for_generation" in model.__dict__
+    saved = model.__dict__.get("prepare_inputs_for_generation")
+    original = model.prepare_inputs_for_generation
+
+    def hooked(*args, **kwargs):
+        return prepare(original(*args, **kwargs))
+    model.prepare_inputs_for_generation = hooked
+    try:
+        yield
+    finally:
+        if had_own:
+            model.prepare_inputs_for_generation = saved
+        else:
+            del model.prepare_inputs_for_generation
 
 
 class ModulesToSaveWrapper(nn.Module):
