@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from peftx.tuners.loha.config import LoHaConfig
 from peftx.tuners.loha.functional import hada_weight, hada_weight_cp, loha_linear
 from peftx.tuners.lycoris.layer import LycorisLayer
 
@@ -23,13 +24,9 @@ class LoHaLayer(LycorisLayer):
     param_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
     method = "LoHa"
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str = "default", r: int = 8, alpha: float = 8,
-                 config=None, autocast_adapter_dtype: bool = True):
-        super().__init__(base_layer)
-        if config is None:
-            from peftx.tuners.loha.config import LoHaConfig
-            config = LoHaConfig(r=r, alpha=alpha)
-        self.add_adapter(adapter_name, r, alpha, config, autocast_adapter_dtype)
+    @staticmethod
+    def _default_config(r, alpha):
+        return LoHaConfig(r=r, alpha=alpha)
 
     def _create_factors(self, name, r, config, device, dtype):
         base = self.base_layer

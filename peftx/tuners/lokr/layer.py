@@ -23,6 +23,7 @@ import math
 import torch
 from torch import nn
 
+from peftx.tuners.lokr.config import LoKrConfig
 from peftx.tuners.lycoris.layer import LycorisLayer
 
 
@@ -71,13 +72,9 @@ class LoKrLayer(LycorisLayer):
     param_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
     method = "LoKr"
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str = "default", r: int = 8, alpha: float = 8,
-                 config=None, autocast_adapter_dtype: bool = True):
-        super().__init__(base_layer)
-        if config is None:
-            from peftx.tuners.lokr.config import LoKrConfig
-            config = LoKrConfig(r=r, alpha=alpha)
-        self.add_adapter(adapter_name, r, alpha, config, autocast_adapter_dtype)
+    @staticmethod
+    def _default_config(r, alpha):
+        return LoKrConfig(r=r, alpha=alpha)
 
     def _create_factors(self, name, r, config, device, dtype):
         base = self.base_layer

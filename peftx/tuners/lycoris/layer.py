@@ -54,13 +54,19 @@ class LycorisLayer(TunerLayer):
     """Named adapters over a frozen ``base_layer``; subclasses create the factors and build deltas."""
 
     param_names: tuple[str, ...] = ()  # the ParameterDicts holding the factors (HF PEFT's names)
+    method = ""
 
     @property
     def adapter_containers(self) -> tuple[str, ...]:
         return self.param_names
-    method = ""
 
-    def __init__(self, base_layer: nn.Module):
+    @staticmethod
+    def _default_config(r: int, alpha: float):
+        """The method's config for a layer built without one (its keyword defaults)."""
+        raise NotImplementedError
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str = "default", r: int = 8, alpha: float = 8,
+                 config=None, autocast_adapter_dtype: bool = True):
         super().__init__()
         check_base(base_layer, self.method)
         self.base_layer = base_layer
@@ -77,6 +83,8 @@ class LycorisLayer(TunerLayer):
         self.disable_adapters = False
         for p in base_layer.parameters():
             p.requires_grad_(False)
+        self.add_adapter(adapter_name, r, alpha, config if config is not None else self._default_config(r, alpha),
+                         autocast_adapter_dtype)
 
     # --- HF PEFT-style views of the hyper-parameters ----------------------------------------------
     @property
