@@ -52,4 +52,11 @@ def main(out_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    code = main(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The result files are written and the process group destroyed. Skip the interpreter's teardown:
+    # about one run in four, on torch 2.13 and 2.14 alike, a background thread left by the process
+    # group aborted it ("terminate called without an active exception") after everything the test
+    # checks had finished.
+    os._exit(code)
