@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "common/cpu_isa.h"
+#include "common/host_device.h"
 
 // GCC 12 reports its own _mm512_set1_epi32 (built on _mm512_undefined_epi32) as "maybe
 // uninitialized" once inlined here; the intrinsic fully defines its result.
@@ -23,7 +24,36 @@ void keep_bytes_scalar(const Dropout& d, uint64_t e0, int64_t n, uint8_t* keep) 
   }
 }
 
-#define PEFTX_AVX512 __attribute__((target("avx512f,avx512bw,bmi2")))
+template <typename T>
+void rows_scalar(const Dropout& d, uint64_t e0, int64_t n, const T* x, T* xd, const T* t, T* dx) {
+  uint8_t keep[256];
+  for (int64_t i0 = 0; i0 < n; i0 += 256) {
+    const int64_t c = std::min<int64_t>(256, n - i0);
+    keep_bytes_scalar(d, e0 + static_cast<uint64_t>(i0), c, keep);
+    for (int64_t i = 0; i < c; ++i) {
+      store(xd + i0 + i, keep[i] ? mul_rn(to_float(x[i0 + i]), d.scale) : 0.0f);
+      if (dx != nullptr && keep[i])
+        store(dx + i0 + i, add_rn(to_float(dx[i0 + i]), mul_rn(to_float(t[i0 + i]), d.scale)));
+    }
+  }
+}
+
+void dropout_rows_scalar(const Dropout& d, uint64_t e0, int64_t n, DropDt dt, const void* x, void* xd,
+                         const void* t, void* dx) {
+  switch (dt) {
+    case DropDt::kF32:
+      return rows_scalar(d, e0, n, static_cast<const float*>(x), static_cast<float*>(xd),
+                         static_cast<const float*>(t), static_cast<float*>(dx));
+    case DropDt::kBF16:
+      return rows_scalar(d, e0, n, static_cast<const bf16_t*>(x), static_cast<bf16_t*>(xd),
+                         static_cast<const bf16_t*>(t), static_cast<bf16_t*>(dx));
+    case DropDt::kF16:
+      return rows_scalar(d, e0, n, static_cast<const f16_t*>(x), static_cast<f16_t*>(xd),
+                         static_cast<const f16_t*>(t), static_cast<f16_t*>(dx));
+  }
+}
+
+#define PEFTX_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,bmi2")))
 
 // (hi, lo) of the 32x32-bit products a * m in each of the 16 lanes.
 PEFTX_AVX512 inline void mulhilo16(__m512i a, __m512i m, __m512i* hi, __m512i* lo) {
@@ -87,6 +117,66 @@ PEFTX_AVX512 void keep_bytes_avx512(const Dropout& d, uint64_t e0, int64_t n, ui
   }
 }
 
+
+// 16 elements of dt at p + i (lanes outside m read as 0) as fp32: exact.
+PEFTX_AVX512 inline __m512 load16(DropDt dt, const void* p, int64_t i, __mmask16 m) {
+  switch (dt) {
+    case DropDt::kF32:
+      return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
+    case DropDt::kBF16:
+      return _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i)), 16));
+    case DropDt::kF16:
+      return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i));
+  }
+  return _mm512_setzero_ps();
+}
+
+// Stores the lanes of v selected by m at p + i, rounded to dt exactly as host_device.h's
+// bf16_from_float / f16_from_float (nearest even; NaN as those functions spell it).
+PEFTX_AVX512 inline void store16(DropDt dt, void* p, int64_t i, __mmask16 m, __m512 v) {
+  if (dt == DropDt::kF32) return _mm512_mask_storeu_ps(static_cast<float*>(p) + i, m, v);
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i hi = _mm512_srli_epi32(u, 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  __m256i h;
+  if (dt == DropDt::kBF16) {
+    const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1)));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    h = _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40))));
+  } else {
+    h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i qnan = _mm512_or_si512(_mm512_and_si512(hi, _mm512_set1_epi32(0x8000)), _mm512_set1_epi32(0x7e00));
+    h = _mm256_mask_mov_epi16(h, nan, _mm512_cvtepi32_epi16(qnan));
+  }
+  _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, m, h);
+}
+
+PEFTX_AVX512 void dropout_rows_avx512(const Dropout& d, uint64_t e0, int64_t n, DropDt dt, const void* x, void* xd,
+                                      const void* t, void* dx) {
+  const __m512 scale = _mm512_set1_ps(d.scale);
+  int64_t i = 0;
+  uint64_t q = e0 >> 2;
+  unsigned skip = static_cast<unsigned>(e0 & 3);
+  while (i < n) {
+    const uint64_t bits = keep_mask64(d, q) >> skip;
+    const int64_t take = std::min<int64_t>(64 - skip, n - i);
+    for (int64_t j = 0; j < take; j += 16) {
+      const int64_t c = std::min<int64_t>(16, take - j);
+      const __mmask16 in = static_cast<__mmask16>(c == 16 ? 0xFFFFu : ((1u << c) - 1u));
+      const __mmask16 keep = static_cast<__mmask16>(bits >> j) & in;
+      store16(dt, xd, i + j, in, _mm512_maskz_mul_ps(keep, load16(dt, x, i + j, in), scale));
+      if (dx != nullptr) {
+        const __m512 sum = _mm512_add_ps(load16(dt, dx, i + j, keep), _mm512_mul_ps(load16(dt, t, i + j, keep), scale));
+        store16(dt, dx, i + j, keep, sum);
+      }
+    }
+    i += take;
+    q += 16;
+    skip = 0;
+  }
+}
+
 }  // namespace
 
 const char* dropout_isa() { return cpu_isa() == CpuIsa::avx512 ? "avx512" : "scalar"; }
@@ -96,6 +186,15 @@ void dropout_keep_bytes(const Dropout& d, uint64_t e0, int64_t n, uint8_t* keep)
     keep_bytes_avx512(d, e0, n, keep);
   } else {
     keep_bytes_scalar(d, e0, n, keep);
+  }
+}
+
+void dropout_rows(const Dropout& d, uint64_t e0, int64_t n, DropDt dt, const void* x, void* xd, const void* t,
+                  void* dx) {
+  if (cpu_isa() == CpuIsa::avx512) {
+    dropout_rows_avx512(d, e0, n, dt, x, xd, t, dx);
+  } else {
+    dropout_rows_scalar(d, e0, n, dt, x, xd, t, dx);
   }
 }
 

@@ -1,7 +1,10 @@
-// The LoRA dropout mask on the CPU as bytes (1 = kept), generated 64 elements at a time with
-// AVX-512 Philox where cpu_isa() allows it, one element at a time otherwise (AVX2 has no cheap
-// 64-bit mask spread, so it takes the scalar path).
-// Both paths compute exactly the mask of lora_math.h's dropout_keep.
+// The LoRA dropout on the CPU: the mask as bytes (1 = kept), and the two elementwise passes of the
+// LoRA ops (the dropped-out input, and the dropout's adjoint added into the input gradient), with
+// AVX-512 Philox (16 blocks, 64 elements per step) where cpu_isa() allows it and one element at a
+// time otherwise (AVX2 has no cheap 64-bit mask spread, so it takes the scalar path).
+// Both paths compute exactly the mask of lora_math.h's dropout_keep, and the passes round exactly
+// as the scalar code (fp32 multiply, fp32 add, one round to the storage type), so they agree bit
+// for bit.
 #pragma once
 
 #include <cstdint>
@@ -14,7 +17,18 @@ namespace lora {
 // keep[i] = dropout_keep(d.seed, d.threshold, e0 + i) for i in [0, n).
 void dropout_keep_bytes(const Dropout& d, uint64_t e0, int64_t n, uint8_t* keep);
 
-// The instruction set dropout_keep_bytes uses now: "avx512" or "scalar" (see common/cpu_isa.h).
+// Storage types of the elementwise passes (float64 stays on the callers' scalar loops).
+enum class DropDt { kF32, kBF16, kF16 };
+
+// For i in [0, n), with keep_i = dropout_keep(e0 + i):
+//   xd[i] = keep_i ? round(float(x[i]) * d.scale) : 0
+//   if dx: dx[i] = keep_i ? round(float(dx[i]) + float(t[i]) * d.scale) : dx[i]
+// (x, xd, t, dx of type dt; t and dx both null or both given).
+void dropout_rows(const Dropout& d, uint64_t e0, int64_t n, DropDt dt, const void* x, void* xd, const void* t,
+                  void* dx);
+
+// The instruction set dropout_keep_bytes and dropout_rows use now: "avx512" or "scalar" (see
+// common/cpu_isa.h).
 const char* dropout_isa();
 
 }  // namespace lora

@@ -304,16 +304,23 @@ def test_bad_input_names_the_argument():
                            torch.tensor([0, 1]))
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 61), (5, 64), (9, 129), (2, 1000)])
-def test_cpu_dropout_paths_agree(monkeypatch, shape):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 61), (5, 64), (9, 129), (2, 1000), (40, 4100)])
+def test_cpu_dropout_paths_agree(monkeypatch, shape, dtype):
     # The AVX-512 mask generator (16 Philox blocks per step, any start offset) and the scalar one make
-    # the reference mask bit for bit, in forward (row chunks) and backward (column chunks).
+    # the reference mask bit for bit, in forward (row chunks) and backward (column chunks); the
+    # vectorized scaling and the adjoint's update round to the storage type exactly as the scalar
+    # loops (NaN and values that round to fp16 subnormals or overflow included).
     M, K = shape
     x = torch.randn(M, K)
-    W = torch.randn(6, K)
-    A = torch.randn(3, K)
-    B = torch.randn(6, 3)
-    g = torch.randn(M, 6)
+    x.view(-1)[:: 7] *= 1e-5  # fp16 subnormals after the scaling
+    x.view(-1)[3:: 11] = 7e4  # overflows fp16 once scaled
+    x.view(-1)[5:: 13] = float("nan")
+    x = x.to(dtype)
+    W = torch.randn(6, K, dtype=dtype)
+    A = torch.randn(3, K, dtype=dtype)
+    B = torch.randn(6, 3, dtype=dtype)
+    g = torch.randn(M, 6, dtype=dtype)
     results = {}
     for isa in ("default", "scalar"):
         if isa == "scalar":
@@ -322,9 +329,13 @@ def test_cpu_dropout_paths_agree(monkeypatch, shape):
         y, u = ops.lora_linear_fwd(x, W, None, None, 64, None, A, B, 1.0, 0.3, 123456789)
         results[isa] = (y, u) + ops.lora_linear_bwd(g, x, u, W, None, None, 64, A, B, 1.0, 0.3, 123456789)
     for a, b in zip(results["default"], results["scalar"]):
-        assert torch.equal(a, b)
-    want_u = lora_dropout_ref(x, 0.3, 123456789) @ A.t()
-    torch.testing.assert_close(results["scalar"][1], want_u, atol=1e-5, rtol=1e-5)
+        assert torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
+                           b.view(torch.int16 if b.element_size() == 2 else torch.int32))
+    if dtype == torch.float32:
+        xf = torch.nan_to_num(x, nan=0.0)
+        y, u = ops.lora_linear_fwd(xf, W, None, None, 64, None, A, B, 1.0, 0.3, 123456789)
+        want_u = lora_dropout_ref(xf, 0.3, 123456789) @ A.t()
+        torch.testing.assert_close(u, want_u, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["dense", "nf4"])
