@@ -209,7 +209,8 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   if (M == 0 || N == 0 || K == 0) {
     out.zero_();
     if (bias.has_value() && M > 0) out.add_(bias->to(out.scalar_type()));
-  } else if (M <= cpu::gemv_tokens(x2.scalar_type() == at::kBFloat16)) {
+  } else if (M <= cpu::gemv_tokens(x2.scalar_type() == at::kBFloat16,
+                                    kt.gemv_rows_bf16 != nullptr && blocksize >= 64 && K % 64 == 0)) {
     const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
     gemv(kt, w, x2, bias_f, out);
   } else {
@@ -244,6 +245,18 @@ at::Tensor nf4_matmul_t_cpu(const at::Tensor& grad, const at::Tensor& packed, co
   const cpu::Weight4 w = weight_view(pk, am, cd, blocksize, N, K);
   const cpu::Kernels& kt = cpu::active_kernels();
   if (M == 0 || N == 0 || K == 0) return at::zeros(leading_shape(grad, K), grad.options());
+  if (g2.scalar_type() == at::kBFloat16 && kt.gemv_t_bf16 != nullptr && blocksize >= 64 && K % 128 == 0 &&
+      M <= cpu::kGemvTBf16MaxTokens) {
+    // dx = g W with vdpbf16ps over pairs of W's rows (g padded to an even number of columns), each
+    // task owning whole 128-feature chunks of dx (fp32, natural order).
+    const at::Tensor gp = N % 2 == 0 ? g2 : at::constant_pad_nd(g2, {0, 1});
+    const int64_t ldg = gp.size(1);
+    at::Tensor acc = at::empty({M, K}, g2.options().dtype(at::kFloat));
+    const uint16_t* gptr = static_cast<const uint16_t*>(gp.const_data_ptr());
+    float* ap = acc.data_ptr<float>();
+    at::parallel_for(0, K / 128, 1, [&](int64_t c0, int64_t c1) { kt.gemv_t_bf16(w, gptr, ldg, M, c0 * 128, c1 * 128, ap); });
+    return acc.to(grad.scalar_type()).reshape(leading_shape(grad, K));
+  }
   const int64_t gemv_t_max = cpu::gemv_t_tokens(g2.scalar_type() == at::kBFloat16);
   if (M <= gemv_t_max && kt.gemv_t_rows != nullptr && K % 32 == 0) {
     // dx = g W: rows split over tasks, each accumulating a private dx (fp32, chunk-32 layout) with

@@ -152,6 +152,36 @@ def test_products_match_reference(isa, dtype, out_f, in_f, blocksize):
         assert_product_close(got, nf4_matmul_t_ref(g, packed, absmax, code, blocksize, in_f), dtype, out_f)
 
 
+@pytest.mark.parametrize("out_f,in_f,blocksize", [(70, 256, 64), (65, 4096, 64), (128, 384, 128), (33, 192, 64)])
+def test_bf16_small_batch_kernels_use_the_bf16_weight(isa, out_f, in_f, blocksize):
+    """bf16 activations, 3 to 64 tokens (1 to 64 for g W) (the scaled-table forward: 2 rows x 8 tokens per pass; the
+    row-pair transposed kernel: 32-row strips, 3-token tiles, permuted lanes): both multiply by
+    exactly the bf16 weight nf4_dequantize returns, so they equal that dense product up to fp32
+    summation order and the output's bf16 rounding. Odd rows (the pair's zero row), strips and
+    token tiles with tails, and 64 / 65 tokens (the last GEMV size and the first tiled one)."""
+    if isa != "avx512" or not _C.cpu_bf16_gemv():
+        pytest.skip("the bf16 kernels need AVX-512 BF16 (other paths multiply by the fp32 weight)")
+    gen = torch.Generator().manual_seed(out_f + in_f)
+    w = peftx.nf4_quantize(torch.randn(out_f, in_f, generator=gen), blocksize=blocksize)
+    w_bf16 = w.dequantize(torch.bfloat16).float()
+    def check(got, a, b):
+        # Output rounding (half a bf16 ulp, 2^-9 relative) plus fp32 summation error, which is
+        # bounded by the sum of |terms|: far below the 2^-9 * sum|terms| a bf16-rounded code book
+        # (bf16(code) * absmax instead of bf16(code * absmax)) would allow.
+        want, scale = a.float() @ b, a.float().abs() @ b.abs()
+        assert ((got.float() - want).abs() <= 2 ** -8 * want.abs() + 1e-5 * scale).all()
+
+    for M in (3, 8, 9, 17, 24, 64, 65):
+        x = torch.randn(M, in_f, generator=gen).bfloat16()
+        check(peftx.nf4_matmul(x, w), x, w_bf16.T)
+        if in_f % 128 == 0:  # the transposed kernel's shapes (others take the fp32 kernels)
+            g = torch.randn(M, out_f, generator=gen).bfloat16()
+            check(peftx.nf4_matmul_t(g, w), g, w_bf16)
+    if in_f % 128 == 0:
+        g = torch.randn(1, out_f, generator=gen).bfloat16()
+        check(peftx.nf4_matmul_t(g, w), g, w_bf16)
+
+
 def test_products_non_contiguous_and_leading_dims(isa):
     w = peftx.nf4_quantize(torch.randn(40, 96))
     x = torch.randn(2, 3, 192)[..., ::2]

@@ -21,6 +21,7 @@ void gemv_rows_f32(const Weight4& w, const GemvX& x, int64_t o0, int64_t o1, con
 void gemv_rows_bf16(const Weight4& w, const GemvX& x, int64_t o0, int64_t o1, const float* bias, Dt out_dt, void* y,
                     int64_t ldy);
 void gemv_t_rows(const Weight4& w, const float* g, int64_t ldg, int64_t tokens, int64_t o0, int64_t o1, float* acc);
+void gemv_t_bf16(const Weight4& w, const uint16_t* g, int64_t ldg, int64_t tokens, int64_t c0, int64_t c1, float* out);
 float dot(const float* a, const float* b, int64_t n);
 void axpy(int nv, const float* c, const float* const* v, int64_t n, float* acc);
 

@@ -4,9 +4,14 @@
 // (even features then odd features of each chunk, matching the high / low nibbles of a byte run).
 // Requires cols % 32 == 0, so every 32-feature run of a row lies in one quantization block.
 //   fp32 kernel (chunk 32): w = code * absmax exactly in fp32, FMA into fp32 accumulators.
-//   bf16 kernel (chunk 64, avx512_bf16): vdpbf16ps of bf16(code) with bf16 x into fp32 lanes, then
-//     one FMA by absmax per 64 features (lanes 0-7 hold features 0-31, lanes 8-15 features 32-63).
+//   bf16 kernel (chunk 64, avx512_bf16): where a 64-feature chunk lies in one block (blocksize >= 64,
+//     cols % 64 == 0), the block's 16 dequantized values bf16(code * absmax) (exactly what
+//     nf4_dequantize returns in bf16) form the vpermw table, and vdpbf16ps accumulates straight into
+//     fp32: W is decoded once per chunk for up to 16 tokens (kScaledTokens accumulators). Otherwise
+//     vdpbf16ps of bf16(code) with x, then one FMA by absmax per 32-feature half, 4 tokens a pass.
 #include <algorithm>
+#include <cstring>
+#include <vector>
 
 #include "nf4/cpu/avx512.h"
 #include "nf4/cpu/plan.h"
@@ -20,7 +25,9 @@ namespace avx512 {
 namespace {
 
 constexpr int kMaxTokens = 4;  // tokens per pass over a panel (accumulators: 4 * tokens registers)
-constexpr int64_t kMaxGemvTokens = kGemvMaxTokens;
+constexpr int kScaledTokens = 8;  // tokens per pass of the scaled-table bf16 panel (2 rows x 8 accumulators)
+constexpr int64_t kScaledMinTokens = 3;  // fewer tokens: the 4-token bf16 kernel is faster (0.28 vs 0.44 ms at 1)
+constexpr int64_t kMaxGemvTokens = std::max(kGemvMaxTokens, kGemvBf16MaxTokens);
 
 template <typename T>
 void store_results(int tm, const float* res, int64_t m0, int64_t o, const float* bias, T* y, int64_t ldy) {
@@ -139,6 +146,70 @@ PEFTX_AVX512BF16 void panel_bf16(const Weight4& w, const uint16_t* x, int64_t st
     part[m] = _mm512_add_ps(part[m], _mm512_add_ps(_mm512_add_ps(a[0][m], a[1][m]), _mm512_add_ps(b[0][m], b[1][m])));
 }
 
+// The 16 values of one block, bf16(code[i] * absmax) (nf4_math.h's decode rounded as bf16_from_float),
+// as a 32-word vpermw table (the 16 repeated: the low nibble's index needs no mask).
+PEFTX_AVX512_INLINE __m512i scaled_table(__m512 code, float absmax) {
+  const __m512i words = _mm512_srli_epi32(bf16_high(_mm512_mul_ps(code, _mm512_set1_ps(absmax))), 16);
+  return _mm512_broadcast_i64x4(_mm512_cvtepi32_epi16(words));
+}
+
+// Features [k0, k1) of rows o .. o + RW - 1 (whole 64-feature chunks, each in one block) for TM
+// tokens: W decoded once per chunk, one accumulator per row and token (even then odd features into
+// the same lanes). Each x vector loaded feeds RW dot products: on the machines we measure, 512-bit
+// L1 loads (about one every 1.7 cycles) and not vdpbf16ps (two a cycle) bound this loop.
+// x is token-interleaved per chunk (x[(k / 64) * TM * 64 + m * 64 + i], see tile_x): one base
+// pointer and constant offsets, so the token streams need no general-purpose registers.
+// part holds row r's token m at part[r * ldp + m].
+template <int TM, int RW>
+PEFTX_AVX512BF16 void panel_bf16_scaled(const Weight4& w, const uint16_t* x, __m512 code, int64_t o, int64_t k0,
+                                        int64_t k1, __m512* part, int64_t ldp) {
+  const int64_t K = w.cols, j0 = o * K;
+  const int shift = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize));
+  const uint8_t* p = w.packed + (j0 >> 1);
+  __m512 acc[RW][TM];
+  for (int r = 0; r < RW; ++r)
+    for (int m = 0; m < TM; ++m) acc[r][m] = part[r * ldp + m];
+  for (int64_t k = k0; k < k1; k += 64) {
+    __m512bh hi[RW], lo[RW];
+    for (int r = 0; r < RW; ++r) {
+      const __m512i table = scaled_table(code, w.absmax[(j0 + r * K + k) >> shift]);
+      const __m512i idx =
+          _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + ((r * K + k) >> 1))));
+      hi[r] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(idx, 4), table);
+      lo[r] = (__m512bh)_mm512_permutexvar_epi16(idx, table);
+    }
+    const uint16_t* xk = x + (k >> 6) * (TM * 64);
+#pragma GCC unroll 16
+    for (int m = 0; m < TM; ++m) {
+      const __m512bh xe = (__m512bh)_mm512_loadu_si512(xk + m * 64);
+      for (int r = 0; r < RW; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], hi[r], xe);
+      const __m512bh xo = (__m512bh)_mm512_loadu_si512(xk + m * 64 + 32);
+      for (int r = 0; r < RW; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], lo[r], xo);
+    }
+  }
+  for (int r = 0; r < RW; ++r)
+    for (int m = 0; m < TM; ++m) part[r * ldp + m] = acc[r][m];
+}
+
+// Copies tokens [m0, m0 + tm) of x (GemvX chunk-64 layout, `chunks` chunks) token-interleaved per
+// chunk into out: out[c * tm * 64 + m * 64 + i] = x[(m0 + m) * stride + c * 64 + i].
+void tile_x(const uint16_t* x, int64_t stride, int64_t m0, int64_t tm, int64_t chunks, uint16_t* out) {
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t m = 0; m < tm; ++m)
+      std::memcpy(out + (c * tm + m) * 64, x + (m0 + m) * stride + c * 64, 64 * sizeof(uint16_t));
+}
+
+// panel_bf16_scaled<tm, rw> for a run-time tm in [1, TM] and rw in {1, 2}.
+template <int TM>
+PEFTX_AVX512BF16 void panel_bf16_scaled_n(int tm, int rw, const Weight4& w, const uint16_t* x, __m512 code, int64_t o,
+                                          int64_t k0, int64_t k1, __m512* part, int64_t ldp) {
+  if (tm == TM) {
+    if (rw == 2) return panel_bf16_scaled<TM, 2>(w, x, code, o, k0, k1, part, ldp);
+    return panel_bf16_scaled<TM, 1>(w, x, code, o, k0, k1, part, ldp);
+  }
+  if constexpr (TM > 1) panel_bf16_scaled_n<TM - 1>(tm, rw, w, x, code, o, k0, k1, part, ldp);
+}
+
 // Loop order of both kernels: groups of kGroupRows rows; for each, panels of the features whose
 // activations (all tokens) fit in L1; for each row of the group and each tile of up to kMaxTokens
 // tokens, the panel's partial sums. So W streams from memory once, x is read from L1, and the
@@ -153,7 +224,8 @@ int64_t panel_features(int64_t cols, int64_t tokens, int64_t elem) {
 
 template <typename PanelFn>
 PEFTX_AVX512 void rows_panelled(const Weight4& w, const GemvX& x, int64_t o0, int64_t o1, const float* bias,
-                                Dt out_dt, void* y, int64_t ldy, PanelFn&& panel) {
+                                Dt out_dt, void* y, int64_t ldy, int tile_tokens, int rows_per_call,
+                                PanelFn&& panel) {
   const int64_t M = x.tokens, K = w.cols;
   const int64_t P = panel_features(K, M, x.bf16 ? 2 : 4);
   alignas(64) __m512 part[kGroupRows * kMaxGemvTokens];
@@ -170,7 +242,10 @@ PEFTX_AVX512 void rows_panelled(const Weight4& w, const GemvX& x, int64_t o0, in
           const int64_t end = std::min(next + P, w.rows * K);
           for (int64_t j = next; j < end; j += 128) _mm_prefetch(reinterpret_cast<const char*>(w.packed + j / 2), _MM_HINT_T0);
         }
-        for (int64_t m0 = 0; m0 < M; m0 += kMaxTokens) panel(og + r, m0, k0, k1, part + r * M + m0);
+      }
+      for (int64_t r = 0; r < nr; r += rows_per_call) {
+        const int rows = static_cast<int>(std::min<int64_t>(rows_per_call, nr - r));
+        for (int64_t m0 = 0; m0 < M; m0 += tile_tokens) panel(og + r, rows, m0, k0, k1, part + r * M + m0);
       }
     }
     for (int64_t r = 0; r < nr; ++r) {
@@ -187,7 +262,8 @@ PEFTX_AVX512 void gemv_rows_f32(const Weight4& w, const GemvX& x, int64_t o0, in
                                 Dt out_dt, void* y, int64_t ldy) {
   const float* xp = static_cast<const float*>(x.data);
   const int64_t stride = x.stride, M = x.tokens;
-  rows_panelled(w, x, o0, o1, bias, out_dt, y, ldy, [&](int64_t o, int64_t m0, int64_t k0, int64_t k1, __m512* part) {
+  rows_panelled(w, x, o0, o1, bias, out_dt, y, ldy, kMaxTokens, 1,
+                [&](int64_t o, int /*rows*/, int64_t m0, int64_t k0, int64_t k1, __m512* part) {
     const float* xm = xp + m0 * stride;
     switch (std::min<int64_t>(kMaxTokens, M - m0)) {
       case 1: return panel_f32<1>(w, xm, stride, o, k0, k1, part);
@@ -205,7 +281,23 @@ PEFTX_AVX512BF16 void gemv_rows_bf16(const Weight4& w, const GemvX& x, int64_t o
   const __m512i code32 = _mm512_load_si512(table);
   const uint16_t* xp = static_cast<const uint16_t*>(x.data);
   const int64_t stride = x.stride, M = x.tokens;
-  rows_panelled(w, x, o0, o1, bias, out_dt, y, ldy, [&](int64_t o, int64_t m0, int64_t k0, int64_t k1, __m512* part) {
+  // One or two tokens: the 4-token kernel below re-decodes nothing and builds no tables.
+  if (w.blocksize >= 64 && w.cols % 64 == 0 && M >= kScaledMinTokens) {
+    // Each call (one per thread) re-tiles x: M * cols * 2 bytes, small next to the rows' W.
+    const int64_t chunks = w.cols / 64;
+    std::vector<uint16_t> tiled(static_cast<size_t>(M * chunks * 64));
+    for (int64_t m0 = 0; m0 < M; m0 += kScaledTokens)
+      tile_x(xp, stride, m0, std::min<int64_t>(kScaledTokens, M - m0), chunks, tiled.data() + m0 * chunks * 64);
+    const __m512 code = _mm512_loadu_ps(w.code);
+    rows_panelled(w, x, o0, o1, bias, out_dt, y, ldy, kScaledTokens, 2,
+                  [&](int64_t o, int rows, int64_t m0, int64_t k0, int64_t k1, __m512* part) {
+      const int tm = static_cast<int>(std::min<int64_t>(kScaledTokens, M - m0));
+      panel_bf16_scaled_n<kScaledTokens>(tm, rows, w, tiled.data() + m0 * chunks * 64, code, o, k0, k1, part, M);
+    });
+    return;
+  }
+  rows_panelled(w, x, o0, o1, bias, out_dt, y, ldy, kMaxTokens, 1,
+                [&](int64_t o, int /*rows*/, int64_t m0, int64_t k0, int64_t k1, __m512* part) {
     const uint16_t* xm = xp + m0 * stride;
     switch (std::min<int64_t>(kMaxTokens, M - m0)) {
       case 1: return panel_bf16<1>(w, xm, stride, code32, o, k0, k1, part);

@@ -36,6 +36,7 @@ const Kernels& avx512_kernels() {
                                 cpu_has_avx512bf16() ? avx512::gemv_rows_bf16 : nullptr,
                                 64,
                                 avx512::gemv_t_rows,
+                                cpu_has_avx512bf16() ? avx512::gemv_t_bf16 : nullptr,
                                 avx512::dot,
                                 avx512::axpy};
   return table;
@@ -51,6 +52,7 @@ const Kernels& avx2_kernels() {
                                 16,
                                 nullptr,
                                 0,
+                                nullptr,
                                 nullptr,
                                 avx2::dot,
                                 avx2::axpy};

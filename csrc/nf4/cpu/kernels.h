@@ -68,6 +68,11 @@ struct Kernels {
   // in the GemvX chunk-32 layout; cols % 32 == 0 (nullptr: decode + axpy instead).
   void (*gemv_t_rows)(const Weight4& w, const float* g, int64_t ldg, int64_t tokens, int64_t o0, int64_t o1,
                       float* acc);
+  // out[m * cols + k] = sum_o g[m * ldg + o] W[o, k] for m < tokens, k in [c0, c1), with g bf16
+  // [tokens, ldg] (ldg even, >= rows, columns past rows zero) and fp32 out; blocksize >= 64,
+  // cols % 128 == 0, c0 and c1 multiples of 128 (nullptr where the CPU has no bf16 dot product).
+  void (*gemv_t_bf16)(const Weight4& w, const uint16_t* g, int64_t ldg, int64_t tokens, int64_t c0, int64_t c1,
+                      float* out);
   // dot(a, b) over n fp32, and acc[i] += sum_r c[r] * v[r][i] for r < nv (nv <= 4), i < n.
   float (*dot)(const float* a, const float* b, int64_t n);
   void (*axpy)(int nv, const float* c, const float* const* v, int64_t n, float* acc);
