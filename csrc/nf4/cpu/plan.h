@@ -12,18 +12,20 @@ namespace nf4 {
 namespace cpu {
 
 // Most tokens (rows of x or of grad) the GEMV kernels take: fp32 activations, and bf16 ones on the
-// scaled-table kernel (blocksize >= 64, cols % 64 == 0; 16 tokens per pass over W).
+// scaled-table kernel (blocksize >= 64, cols % 64 == 0; 8 tokens per pass over W).
 constexpr int64_t kGemvMaxTokens = 16;
-constexpr int64_t kGemvBf16MaxTokens = 64;
+constexpr int64_t kGemvBf16MaxTokens = 20;
 constexpr int64_t kGemvTMaxTokens = 16;
 // Most tokens the bf16 transposed kernel (gemv_t_bf16) takes before decoded tiles + BLAS win.
 constexpr int64_t kGemvTBf16MaxTokens = 64;
 
 // Up to how many tokens the products use the GEMV kernels rather than decoded tiles + BLAS, by
 // activation dtype. Crossovers measured on the 2-core AVX-512 machine, 4096 x 4096: for W x, bf16
-// tiles (fast BLAS bf16 GEMM) win from about 10 tokens over the 4-token bf16 kernel and from
-// SCALED_CROSSOVER over the scaled-table one; fp32/fp16 tiles (fp16 runs through fp32) only past
-// 16; for g W the transposed GEMV costs about 0.9 ms per token and a tiled pass 6-8 ms.
+// tiles (fast BLAS bf16 GEMM) win from about 10 tokens over the 4-token bf16 kernel and from about
+// 20 over the scaled-table one (16 tokens: 1.8 vs 2.2 ms; 32: 3.6 vs 2.8 ms); fp32/fp16 tiles
+// (fp16 runs through fp32) only past 16; for g W the fp32 transposed GEMV costs about 0.9 ms per
+// token and a tiled pass 6-8 ms, while the bf16 row-pair kernel (gemv_t_bf16) takes 1.1 ms at 16
+// tokens and 4.5 ms at 64, no slower than the tiles there.
 inline int64_t gemv_tokens(bool is_bf16, bool scaled_bf16) {
   return is_bf16 ? (scaled_bf16 ? kGemvBf16MaxTokens : 10) : kGemvMaxTokens;
 }
