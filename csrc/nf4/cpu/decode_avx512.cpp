@@ -37,8 +37,7 @@ PEFTX_AVX512 void decode_segment(const uint8_t* packed, __m512 code, float s, in
 // up, and the even / odd results interleaved back to natural order: about half the work of the
 // fp32 products and per-value rounding of decode_segment.
 PEFTX_AVX512_INLINE void decode64_bf16(const uint8_t* packed, __m512 code, float s, int64_t j, bf16_t* out) {
-  const __m512i words = _mm512_srli_epi32(bf16_high(_mm512_mul_ps(code, _mm512_set1_ps(s))), 16);
-  const __m512i table = _mm512_broadcast_i64x4(_mm512_cvtepi32_epi16(words));
+  const __m512i table = bf16_block_table(code, s);
   const __m512i idx = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + (j >> 1))));
   const __m512i ev = _mm512_permutexvar_epi16(_mm512_srli_epi16(idx, 4), table);  // elements 0, 2, ...
   const __m512i od = _mm512_permutexvar_epi16(idx, table);                        // 1, 3, ...

@@ -146,13 +146,6 @@ PEFTX_AVX512BF16 void panel_bf16(const Weight4& w, const uint16_t* x, int64_t st
     part[m] = _mm512_add_ps(part[m], _mm512_add_ps(_mm512_add_ps(a[0][m], a[1][m]), _mm512_add_ps(b[0][m], b[1][m])));
 }
 
-// The 16 values of one block, bf16(code[i] * absmax) (nf4_math.h's decode rounded as bf16_from_float),
-// as a 32-word vpermw table (the 16 repeated: the low nibble's index needs no mask).
-PEFTX_AVX512_INLINE __m512i scaled_table(__m512 code, float absmax) {
-  const __m512i words = _mm512_srli_epi32(bf16_high(_mm512_mul_ps(code, _mm512_set1_ps(absmax))), 16);
-  return _mm512_broadcast_i64x4(_mm512_cvtepi32_epi16(words));
-}
-
 // Features [k0, k1) of rows o .. o + RW - 1 (whole 64-feature chunks, each in one block) for TM
 // tokens: W decoded once per chunk, one accumulator per row and token (even then odd features into
 // the same lanes). Each x vector loaded feeds RW dot products: on the machines we measure, 512-bit
@@ -172,7 +165,7 @@ PEFTX_AVX512BF16 void panel_bf16_scaled(const Weight4& w, const uint16_t* x, __m
   for (int64_t k = k0; k < k1; k += 64) {
     __m512bh hi[RW], lo[RW];
     for (int r = 0; r < RW; ++r) {
-      const __m512i table = scaled_table(code, w.absmax[(j0 + r * K + k) >> shift]);
+      const __m512i table = bf16_block_table(code, w.absmax[(j0 + r * K + k) >> shift]);
       const __m512i idx =
           _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + ((r * K + k) >> 1))));
       hi[r] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(idx, 4), table);

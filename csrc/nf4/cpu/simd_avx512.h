@@ -82,6 +82,14 @@ PEFTX_AVX512_INLINE __m512i f16_low(__m512 v) {
   return _mm512_mask_or_epi32(h, nan, sign, _mm512_set1_epi32(0x7e00));
 }
 
+// The 16 values of one block, bf16(code[i] * absmax) (nf4_math.h's decode rounded as
+// bf16_from_float: exactly what nf4_dequantize gives in bf16), as a 32-word vpermw table (the 16
+// repeated, so an index's bit 4 is ignored: a packed byte's low nibble needs no mask).
+PEFTX_AVX512_INLINE __m512i bf16_block_table(__m512 code, float absmax) {
+  const __m512i words = _mm512_srli_epi32(bf16_high(_mm512_mul_ps(code, _mm512_set1_ps(absmax))), 16);
+  return _mm512_broadcast_i64x4(_mm512_cvtepi32_epi16(words));
+}
+
 // Stores 32 values given as even lanes `ev` (elements 0, 2, ..., 30) and odd lanes `od` in natural
 // order; only the first `count` (<= 32) when masked.
 PEFTX_AVX512_INLINE void store_pairs(float* out, __m512 ev, __m512 od, int64_t count) {
