@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "common/checks.h"
+#include "lora/dense_small_cpu.h"
 
 namespace peftx {
 namespace lora {
@@ -141,6 +142,7 @@ at::Tensor base_forward(const at::Tensor& x2, const BaseWeight& base, int64_t ou
                                            const c10::optional<at::Tensor>&)>();
     return op.call(x2, base.weight, *base.absmax, *base.code, base.blocksize, out_features, bias);
   }
+  if (at::Tensor y = dense_small_forward(x2, base.weight, bias); y.defined()) return y;
   if (bias.has_value()) return at::addmm(*bias, x2, base.weight.t());
   return at::mm(x2, base.weight.t());
 }
@@ -153,6 +155,7 @@ at::Tensor base_input_grad(const at::Tensor& g2, const BaseWeight& base, int64_t
                                            const at::Tensor&, int64_t, int64_t)>();
     return op.call(g2, base.weight, *base.absmax, *base.code, base.blocksize, in_features);
   }
+  if (at::Tensor dx = dense_small_input_grad(g2, base.weight); dx.defined()) return dx;
   return at::mm(g2, base.weight);
 }
 
