@@ -17,6 +17,7 @@
 #include "common/cpu_isa.h"
 #include "common/dispatch.h"
 
+#include "lora/cpu/multi_rows_bf16.h"
 #include "lora/lora_base.h"
 
 namespace peftx {
@@ -188,6 +189,53 @@ void multi_rows(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor
   });
 }
 
+// Interleaved bf16 adapters on AVX-512 BF16 CPUs: the vdpbf16ps row kernel (lora/cpu/multi_rows_bf16.h),
+// kRows rows of one adapter at a time, B repacked once per call as rank pairs per output.
+bool multi_rows_bf16_applies(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B) {
+  return x2.scalar_type() == at::kBFloat16 && cpu_isa() == CpuIsa::avx512 && cpu_has_avx512bf16() &&
+         x2.size(1) % 32 == 0 && lora_B.size(1) % 32 == 0 && lora_A.size(1) <= 64;
+}
+
+// Writes every row of y: base_out's plus the term for rows with an adapter, base_out's alone for
+// the others (no separate copy of base_out first).
+void multi_rows_bf16(const at::Tensor& x2, const at::Tensor& base_out, const at::Tensor& lora_A,
+                     const at::Tensor& lora_B, const float* sp, const std::vector<int64_t>& start,
+                     const std::vector<int64_t>& rows, const int64_t* ids, at::Tensor& y) {
+  const int64_t K = x2.size(1), R = lora_A.size(1), N = lora_B.size(1), n = lora_A.size(0), R2 = (R + 1) / 2;
+  const at::Tensor A = lora_A.contiguous(), B = lora_B.contiguous();
+  const auto* xp = static_cast<const uint16_t*>(x2.const_data_ptr());
+  const auto* ap = static_cast<const uint16_t*>(A.const_data_ptr());
+  const auto* bsrc = static_cast<const uint16_t*>(B.const_data_ptr());
+  const auto* basep = static_cast<const uint16_t*>(base_out.const_data_ptr());
+  auto* yp = static_cast<uint16_t*>(y.data_ptr());
+  const int64_t M = x2.size(0);
+  for (int64_t m = 0; m < M; ++m)
+    if (ids[m] < 0) std::copy_n(basep + m * N, N, yp + m * N);
+  std::vector<std::pair<int64_t, int64_t>> groups;  // (adapter, first index into rows)
+  for (int64_t a = 0; a < n; ++a)
+    for (int64_t i = start[a]; i < start[a + 1]; i += kRows) groups.emplace_back(a, i);
+  at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t g0, int64_t g1) {
+    // B[a] as rank pairs per output, BTp[j][n] = (B[a][n, 2 j], B[a][n, 2 j + 1]), packed by each task
+    // for the adapters its groups use (groups are ordered by adapter).
+    std::vector<uint32_t> btp(static_cast<size_t>(R2 * N));
+    int64_t packed = -1;
+    for (int64_t g = g0; g < g1; ++g) {
+      const auto [a, first] = groups[g];
+      if (a != packed) {
+        const uint16_t* b = bsrc + a * N * R;
+        for (int64_t nn = 0; nn < N; ++nn)
+          for (int64_t j = 0; j < R2; ++j) {
+            const uint32_t lo = b[nn * R + 2 * j], hi = 2 * j + 1 < R ? b[nn * R + 2 * j + 1] : 0u;
+            btp[j * N + nn] = lo | (hi << 16);
+          }
+        packed = a;
+      }
+      const int nrows = static_cast<int>(std::min<int64_t>(kRows, start[a + 1] - first));
+      cpu::multi_rows_bf16(xp, K, rows.data() + first, nrows, ap + a * R * K, R, btp.data(), N, sp[a], basep, yp);
+    }
+  });
+}
+
 // y = base_out + s[id] (x A[id]^T) B[id]^T per row; rows with id -1 keep base_out.
 at::Tensor lora_multi_fwd_cpu(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_A,
                               const at::Tensor& lora_B, const at::Tensor& scalings,
@@ -198,7 +246,6 @@ at::Tensor lora_multi_fwd_cpu(const at::Tensor& x, const at::Tensor& base_out, c
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor x2 = check_multi_args(op, x, base_out, lora_A, lora_B, scalings, adapter_ids);
   const int64_t M = x2.size(0), n = lora_A.size(0), N = lora_B.size(1);
-  at::Tensor y = base_out.reshape({M, N}).clone(at::MemoryFormat::Contiguous);
   const at::Tensor ids = adapter_ids.contiguous();
   const int64_t* idp = ids.const_data_ptr<int64_t>();
   // Counting sort of the rows by adapter: rows[start[a] .. start[a + 1]) use adapter a.
@@ -216,8 +263,16 @@ at::Tensor lora_multi_fwd_cpu(const at::Tensor& x, const at::Tensor& base_out, c
     const int64_t count = start[a + 1] - start[a];
     sliced = count == 0 || rows[start[a + 1] - 1] - rows[start[a]] == count - 1;
   }
-  // Interleaved fp32 rows: the fused row kernel (as fast as the one-adapter GEMM here). 16-bit rows:
-  // gathered GEMMs, since the library's bf16/fp16 GEMMs beat an fp32-accumulating row kernel.
+  // Interleaved fp32 rows: the fused row kernel (as fast as the one-adapter GEMM here); bf16 rows on
+  // AVX-512 BF16: the vdpbf16ps row kernel. Other 16-bit rows: gathered GEMMs, since the library's
+  // bf16/fp16 GEMMs beat an fp32-accumulating row kernel.
+  if (!sliced && multi_rows_bf16_applies(x2, lora_A, lora_B)) {
+    const at::Tensor base2 = base_out.reshape({M, N}).contiguous();
+    at::Tensor y = at::empty({M, N}, base_out.options());
+    multi_rows_bf16(x2, base2, lora_A, lora_B, sp, start, rows, idp, y);
+    return y.view(base_out.sizes());
+  }
+  at::Tensor y = base_out.reshape({M, N}).clone(at::MemoryFormat::Contiguous);
   if (!sliced && x2.scalar_type() == at::kFloat) {
     multi_rows(x2, lora_A, lora_B, sp, start, rows, y);
     return y.view(base_out.sizes());

@@ -264,6 +264,33 @@ def test_multi_interleaved_rows_every_cpu_path(monkeypatch, isa, dtype, K, N, R)
                                lora_multi_ref(x, base_out, A, B, s, ids), **TOL[dtype])
 
 
+@pytest.mark.skipif(not peftx._native._C.cpu_bf16_gemv(), reason="needs AVX-512 BF16")
+@pytest.mark.parametrize("K,N,R", [(96, 96, 16), (64, 160, 7), (128, 64, 64), (32, 32, 1)])
+def test_multi_bf16_row_kernel_rounds_like_the_gemm_path(K, N, R):
+    # Interleaved bf16 rows on AVX-512 BF16 run the vdpbf16ps row kernel: u = x A^T rounded to bf16
+    # (as the 16-bit GEMMs round it), then y = bf16(base + s * u B^T) with the product in fp32.
+    # Rows per adapter leave tails of the 4-row groups; -1 rows are base_out exactly; odd R pads a
+    # rank pair; N = 160 takes one 64-wide and one 32-wide output block.
+    torch.manual_seed(K + N + R)
+    M, n = 23, 3
+    x = torch.randn(M, K).bfloat16()
+    base_out = torch.randn(M, N).bfloat16()
+    A = (torch.randn(n, R, K) / K ** 0.5).bfloat16()
+    B = torch.randn(n, N, R).bfloat16()
+    s = torch.tensor([0.5, 2.0, -1.0])
+    ids = torch.tensor([i % 4 - 1 for i in range(M)])  # -1, 0, 1, 2, -1, ...
+    got = ops.lora_multi_fwd(x, base_out, A, B, s, ids)
+    want = base_out.clone()
+    for a in range(n):
+        rows = ids == a
+        u = (x[rows].float() @ A[a].float().T).bfloat16().float()
+        want[rows] = (base_out[rows].float() + s[a] * (u @ B[a].float().T)).bfloat16()
+    keep = ids == -1
+    assert torch.equal(got[keep], base_out[keep])
+    # u may round differently in its last bit (summation order), moving y by about one bf16 ulp.
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2 ** -7)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_emulated_dropout_axpy_matches_reference(dtype):
     t = torch.randn(13, 29).to(dtype)
