@@ -148,8 +148,9 @@ PEFTX_AVX512BF16 void panel_bf16(const Weight4& w, const uint16_t* x, int64_t st
 
 // Features [k0, k1) of rows o .. o + RW - 1 (whole 64-feature chunks, each in one block) for TM
 // tokens: W decoded once per chunk, one accumulator per row and token (even then odd features into
-// the same lanes). Each x vector loaded feeds RW dot products: on the machines we measure, 512-bit
-// L1 loads (about one every 1.7 cycles) and not vdpbf16ps (two a cycle) bound this loop.
+// the same lanes). Each x vector loaded feeds RW dot products (RW = 2, TM = 8 measured fastest of
+// 1x16, 2x8, 2x12, 3x8, 4x4, 4x5, 4x6 on the 2-core Zen 5 machine; 1 x load per dot product ran
+// at about a third of vdpbf16ps' register-operand rate).
 // x is token-interleaved per chunk (x[(k / 64) * TM * 64 + m * 64 + i], see tile_x): one base
 // pointer and constant offsets, so the token streams need no general-purpose registers.
 // part holds row r's token m at part[r * ldp + m].
