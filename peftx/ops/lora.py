@@ -104,3 +104,48 @@ def _fwd_backward(ctx, grad, _grad_u):
 
 
 torch.library.register_autograd("peftx::lora_linear_fwd", _fwd_backward, setup_context=_fwd_setup)
+
+
+# --- a 4-bit base with double-quantized absmax -------------------------------------------------
+
+class _LoraLinearNF4DQ(torch.autograd.Function):
+    """``lora_linear_fwd`` over an NF4 weight whose absmax is double-quantized. The op's own autograd
+    would keep the fp32 absmax it is given (decoded for this call: 1/32 of the packed weight, a new
+    tensor every step); this one keeps only x, u and the weight's own tensors, and decodes the
+    absmax again in backward (one pass over the 8-bit codes)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, bias, packed, qabsmax, nested_absmax, nested_code, offset, code, blocksize,
+                nested_blocksize, scaling, dropout_p, seed):
+        absmax = ops.nf4_double_dequantize(qabsmax, nested_absmax, nested_code, offset, nested_blocksize)
+        y, u = ops.lora_linear_fwd(x, packed, absmax, code, blocksize, bias, lora_A, lora_B, float(scaling),
+                                   float(dropout_p), int(seed))
+        ctx.save_for_backward(x, u, packed, qabsmax, nested_absmax, nested_code, offset, code, lora_A, lora_B)
+        ctx.args = (blocksize, nested_blocksize, float(scaling), float(dropout_p), int(seed))
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, u, packed, qabsmax, nested_absmax, nested_code, offset, code, lora_A, lora_B = ctx.saved_tensors
+        blocksize, nested_blocksize, scaling, dropout_p, seed = ctx.args
+        need = ctx.needs_input_grad
+        absmax = ops.nf4_double_dequantize(qabsmax, nested_absmax, nested_code, offset, nested_blocksize)
+        grad = grad.contiguous()
+        dx, dA, dB = ops.lora_linear_bwd(grad, x, u, packed, absmax, code, blocksize, lora_A, lora_B, scaling,
+                                         dropout_p, seed, need[0])
+        db = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and need[3] else None
+        return (dx if need[0] else None, dA if need[1] else None, dB if need[2] else None, db) + (None,) * 11
+
+
+def lora_linear_nf4(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """``lora_linear_fwd``'s y over an ``NF4Weight`` (x already in the compute dtype, autocast
+    included). With double quantization, saved for backward are x, u and the weight's own tensors
+    only (_LoraLinearNF4DQ); otherwise the op is called directly (its fp32 absmax is the weight's)."""
+    if not weight.double_quant:
+        return lora_linear_fwd(x, weight.packed, weight.absmax, weight.code, weight.blocksize, bias, lora_A, lora_B,
+                               scaling, dropout_p, seed)[0]
+    return _LoraLinearNF4DQ.apply(x, lora_A, lora_B, bias, weight.packed, weight.absmax, weight.nested_absmax,
+                                  weight.nested_code, weight.offset, weight.code, weight.blocksize,
+                                  weight.nested_blocksize, scaling, dropout_p, seed)
+

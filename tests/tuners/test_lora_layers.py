@@ -203,6 +203,44 @@ def test_qlora_layer_gradients_merge_and_exact_unmerge():
     torch.testing.assert_close(m(x), before, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_qlora_double_quant_saves_x_and_u_and_matches_the_op(p):
+    # With double-quantized absmax the layer's autograd keeps x, u and the weight's own tensors (the
+    # fp32 absmax is decoded again in backward), and gives the op's gradients bit for bit.
+    torch.manual_seed(8)
+    m = peftx.LoraLinear4bit.from_linear(nn.Linear(256, 96), r=8, lora_alpha=16, lora_dropout=p,
+                                         compute_dtype=torch.float32)
+    randomize(m)
+    w = m.base_layer.weight
+    assert w.double_quant
+    x = torch.randn(6, 256, requires_grad=True)
+    own = {t.untyped_storage().data_ptr() for t in w.tensors().values()}
+    own |= {t.untyped_storage().data_ptr() for t in m.parameters()} | {x.untyped_storage().data_ptr()}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            saved.append(tuple(t.shape))
+        return t
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x)
+    assert saved == [(6, 8)], saved  # u only
+    g = torch.randn_like(y)
+    y.backward(g)
+    A, B = m.lora_A["default"].weight, m.lora_B["default"].weight
+    got = (x.grad, A.grad, B.grad)
+    xr, Ar, Br = (t.detach().clone().requires_grad_() for t in (x, A, B))
+    torch.manual_seed(1)
+    seed = peftx.ops.lora.draw_seed() if p > 0 else 0
+    yr, _ = peftx.ops.lora.lora_linear_fwd(xr, w.packed, w.absmax_fp32(), w.code, w.blocksize,
+                                           m.base_layer.bias, Ar, Br, 2.0, p, seed)
+    assert torch.equal(y, yr)
+    yr.backward(g)
+    for a, b in zip(got, (xr.grad, Ar.grad, Br.grad)):
+        assert torch.equal(a, b)
+
+
 def test_qlora_bf16_compute_and_output_dtype():
     torch.manual_seed(7)
     m = peftx.LoraLinear4bit.from_linear(nn.Linear(64, 32, bias=False), r=4)

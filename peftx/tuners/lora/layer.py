@@ -436,13 +436,16 @@ class LoraLinear4bit(LoraLayer):
     def _fused_forward(self, x, name, bias=True, dropout=True):
         spec = self.adapters[name]
         base = self.base_layer
-        cd = x.dtype if torch.is_autocast_enabled(x.device.type) else self._compute_dtype(x)
+        # Under autocast x and the bias go in as the autocast dtype (the op's own autocast policy),
+        # cast here so that what backward sees is what the op computed with.
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device) and x.is_floating_point()
+        cd = torch.get_autocast_dtype(device) if autocast else self._compute_dtype(x)
         p = spec.lora_dropout if self.training and dropout else 0.0
         seed = lora_ops.draw_seed() if p > 0 else 0
-        w = base.weight
         b = base.bias.to(cd) if bias and base.bias is not None else None
-        y, _ = lora_ops.lora_linear_fwd(x.to(cd), w.packed, w.absmax_fp32(), w.code, w.blocksize, b,
-                                        self.lora_A[name].weight, self.lora_B[name].weight, spec.scaling, p, seed)
+        y = lora_ops.lora_linear_nf4(x.to(cd), base.weight, b, self.lora_A[name].weight, self.lora_B[name].weight,
+                                     spec.scaling, p, seed)
         return y.to(x.dtype)
 
     def _fused_base(self, x):
