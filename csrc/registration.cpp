@@ -28,16 +28,18 @@ TORCH_LIBRARY(peftx, m) {
   // LoRA over a frozen base: y = x W^T + bias + scaling * dropout(x) A^T B^T for x [..., in],
   // W [out, in] dense (absmax, code absent) or NF4 (weight = packed bytes; absmax, code, blocksize
   // as above), lora_A [r, in], lora_B [out, r]. Returns y and u = dropout(x) A^T [tokens, r], which
-  // the backward needs. The dropout mask is a function of `seed` (csrc/lora/lora_math.h).
+  // the backward needs. The dropout mask is a function of `seed` (csrc/lora/lora_math.h). `seed` is a
+  // SymInt so that torch.compile can trace a seed drawn in the graph (torch.randint(...).item(), an
+  // unbacked value) without specializing on it; the kernels receive its concrete value.
   m.def(
       "lora_linear_fwd(Tensor x, Tensor weight, Tensor? absmax, Tensor? code, int blocksize, Tensor? "
-      "bias, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, int seed) -> (Tensor out, Tensor "
-      "u)");
+      "bias, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, SymInt seed) -> (Tensor out, "
+      "Tensor u)");
   // Gradients of lora_linear_fwd for grad [..., out]: dx (the base path included; empty unless
   // need_dx), d lora_A [r, in], d lora_B [out, r]. The mask is regenerated from `seed`.
   m.def(
       "lora_linear_bwd(Tensor grad, Tensor x, Tensor u, Tensor weight, Tensor? absmax, Tensor? code, int "
-      "blocksize, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, int seed, bool need_dx) -> "
+      "blocksize, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, SymInt seed, bool need_dx) -> "
       "(Tensor dx, Tensor d_lora_A, Tensor d_lora_B)");
   // Mixed-adapter batch: y[m] = base_out[m] + scalings[a] * x[m] A[a]^T B[a]^T with a = adapter_ids[m]
   // (-1: base_out only). lora_A [n, r, in], lora_B [n, out, r] (ranks padded with zeros to r).

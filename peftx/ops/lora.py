@@ -38,13 +38,13 @@ def lora_linear_fwd(x, weight, absmax, code, blocksize, bias, lora_A, lora_B, sc
     """``(y, u)``: see the module docstring. ``weight`` is dense [N, K] (absmax, code None) or the
     packed NF4 bytes (absmax fp32 and code [16] given)."""
     return ops.lora_linear_fwd(x, weight, absmax, code, blocksize, bias, lora_A, lora_B, float(scaling),
-                               float(dropout_p), int(seed))
+                               float(dropout_p), seed)
 
 
 def lora_linear_bwd(grad, x, u, weight, absmax, code, blocksize, lora_A, lora_B, scaling, dropout_p, seed,
                     need_dx=True):
     return ops.lora_linear_bwd(grad, x, u, weight, absmax, code, blocksize, lora_A, lora_B, float(scaling),
-                               float(dropout_p), int(seed), bool(need_dx))
+                               float(dropout_p), seed, bool(need_dx))
 
 
 def lora_multi_fwd(x, base_out, lora_A, lora_B, scalings, adapter_ids):
@@ -119,9 +119,9 @@ class _LoraLinearNF4DQ(torch.autograd.Function):
                 nested_blocksize, scaling, dropout_p, seed):
         absmax = ops.nf4_double_dequantize(qabsmax, nested_absmax, nested_code, offset, nested_blocksize)
         y, u = ops.lora_linear_fwd(x, packed, absmax, code, blocksize, bias, lora_A, lora_B, float(scaling),
-                                   float(dropout_p), int(seed))
+                                   float(dropout_p), seed)
         ctx.save_for_backward(x, u, packed, qabsmax, nested_absmax, nested_code, offset, code, lora_A, lora_B)
-        ctx.args = (blocksize, nested_blocksize, float(scaling), float(dropout_p), int(seed))
+        ctx.args = (blocksize, nested_blocksize, float(scaling), float(dropout_p), seed)
         ctx.has_bias = bias is not None
         return y
 
