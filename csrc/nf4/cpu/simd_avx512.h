@@ -86,8 +86,11 @@ PEFTX_AVX512_INLINE __m512i f16_low(__m512 v) {
 // bf16_from_float: exactly what nf4_dequantize gives in bf16), as a 32-word vpermw table (the 16
 // repeated, so an index's bit 4 is ignored: a packed byte's low nibble needs no mask).
 PEFTX_AVX512_INLINE __m512i bf16_block_table(__m512 code, float absmax) {
-  const __m512i words = _mm512_srli_epi32(bf16_high(_mm512_mul_ps(code, _mm512_set1_ps(absmax))), 16);
-  return _mm512_broadcast_i64x4(_mm512_cvtepi32_epi16(words));
+  // The rounded values sit in the high words of the 16 dwords: one vpermw gathers words 1, 3, ..., 31
+  // into both halves.
+  const __m512i high_words = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 31, 29,
+                                              27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  return _mm512_permutexvar_epi16(high_words, bf16_high(_mm512_mul_ps(code, _mm512_set1_ps(absmax))));
 }
 
 // Stores 32 values given as even lanes `ev` (elements 0, 2, ..., 30) and odd lanes `od` in natural
