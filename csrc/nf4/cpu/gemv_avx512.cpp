@@ -7,8 +7,9 @@
 //   bf16 kernel (chunk 64, avx512_bf16): where a 64-feature chunk lies in one block (blocksize >= 64,
 //     cols % 64 == 0), the block's 16 dequantized values bf16(code * absmax) (exactly what
 //     nf4_dequantize returns in bf16) form the vpermw table, and vdpbf16ps accumulates straight into
-//     fp32: W is decoded once per chunk for up to 16 tokens (kScaledTokens accumulators). Otherwise
-//     vdpbf16ps of bf16(code) with x, then one FMA by absmax per 32-feature half, 4 tokens a pass.
+//     fp32: W is decoded once per chunk for 2 rows x 8 tokens (kScaledTokens), from 3 tokens on.
+//     Otherwise (and for 1-2 tokens) vdpbf16ps of bf16(code) with x, then one FMA by absmax per
+//     32-feature half, 4 tokens a pass.
 #include <algorithm>
 #include <cstring>
 #include <vector>
