@@ -66,6 +66,29 @@ def check_merge_matches(pm, inputs, atol=1e-5, rtol=1e-5):
     torch.testing.assert_close(logits(merged, inputs), ref, atol=atol, rtol=rtol)
 
 
+def check_unload_and_disable(model, inputs, config, prefixes):
+    """With non-zero adapters (config's init_weights=False), disable_adapter() computes the base model's
+    logits exactly and unload() returns the untouched base with no module named by `prefixes` left."""
+    pm = peftx.get_peft_model(twin(model), config)
+    assert not torch.equal(logits(pm, inputs), logits(model, inputs))
+    with pm.disable_adapter():
+        torch.testing.assert_close(logits(pm, inputs), logits(model, inputs), atol=0, rtol=0)
+    plain = pm.unload()
+    assert not any(n.startswith(prefixes) for name, _ in plain.named_modules() for n in name.split("."))
+    torch.testing.assert_close(logits(plain, inputs), logits(model, inputs), atol=0, rtol=0)
+
+
+def check_bf16_model_keeps_fp32_factors_as_hf(model, inputs, ours_config, hf_config, prefix):
+    """On a bf16 model the adapter factors (parameters whose names contain `prefix`) stay fp32, every
+    parameter has HF PEFT's dtype, and the output at init is the base model's."""
+    import peft
+    ours = peftx.get_peft_model(twin(model), ours_config)
+    theirs = peft.get_peft_model(twin(model), hf_config)
+    assert {p.dtype for n, p in ours.named_parameters() if prefix in n} == {torch.float32}
+    assert {n: p.dtype for n, p in ours.named_parameters()} == {n: p.dtype for n, p in theirs.named_parameters()}
+    torch.testing.assert_close(logits(ours, inputs), logits(model, inputs), atol=0, rtol=0)
+
+
 def check_trainable_params_equal_hf(model, ours_config, hf_config):
     import peft
     ours = peftx.get_peft_model(twin(model), ours_config)

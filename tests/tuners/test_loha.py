@@ -176,24 +176,15 @@ def test_cpu_autocast_bf16_trains_and_matches_hf(kind):
 
 def test_unload_returns_the_untouched_base_and_disable_adapter_computes_it():
     model, inputs, _ = make("llama")
-    pm = peftx.get_peft_model(twin(model), peftx.LoHaConfig(task_type="CAUSAL_LM", r=4, init_weights=False))
-    assert not torch.equal(logits(pm, inputs), logits(model, inputs))
-    with pm.disable_adapter():
-        torch.testing.assert_close(logits(pm, inputs), logits(model, inputs), atol=0, rtol=0)
-    plain = pm.unload()
-    assert not any(n.startswith(("hada_", "lokr_")) for name, _ in plain.named_modules() for n in name.split("."))
-    torch.testing.assert_close(logits(plain, inputs), logits(model, inputs), atol=0, rtol=0)
+    mc.check_unload_and_disable(model, inputs, peftx.LoHaConfig(task_type="CAUSAL_LM", r=4, init_weights=False),
+                                ("hada_", "lokr_"))
 
 
 def test_bf16_model_keeps_fp32_factors_as_hf():
     model, inputs, _ = make("llama")
-    model = model.to(torch.bfloat16)
     cfg = dict(task_type="CAUSAL_LM", r=4)
-    ours = peftx.get_peft_model(twin(model), peftx.LoHaConfig(**cfg))
-    theirs = peft.get_peft_model(twin(model), peft.LoHaConfig(**cfg))
-    assert {p.dtype for n, p in ours.named_parameters() if "hada_" in n} == {torch.float32}
-    assert {n: p.dtype for n, p in ours.named_parameters()} == {n: p.dtype for n, p in theirs.named_parameters()}
-    torch.testing.assert_close(logits(ours, inputs), logits(model, inputs), atol=0, rtol=0)
+    mc.check_bf16_model_keeps_fp32_factors_as_hf(model.to(torch.bfloat16), inputs, peftx.LoHaConfig(**cfg),
+                                                 peft.LoHaConfig(**cfg), "hada_")
 
 
 @pytest.mark.parametrize("scale", ["float", "rows"])

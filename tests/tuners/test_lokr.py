@@ -161,24 +161,15 @@ def test_merge_unmerge_and_disable(kind, layout):
 
 def test_unload_returns_the_untouched_base_and_disable_adapter_computes_it():
     model, inputs, _ = make("llama")
-    pm = peftx.get_peft_model(twin(model), peftx.LoKrConfig(task_type="CAUSAL_LM", r=2, init_weights=False))
-    assert not torch.equal(logits(pm, inputs), logits(model, inputs))
-    with pm.disable_adapter():
-        torch.testing.assert_close(logits(pm, inputs), logits(model, inputs), atol=0, rtol=0)
-    plain = pm.unload()
-    assert not any(n.startswith(("hada_", "lokr_")) for name, _ in plain.named_modules() for n in name.split("."))
-    torch.testing.assert_close(logits(plain, inputs), logits(model, inputs), atol=0, rtol=0)
+    mc.check_unload_and_disable(model, inputs, peftx.LoKrConfig(task_type="CAUSAL_LM", r=2, init_weights=False),
+                                ("hada_", "lokr_"))
 
 
 def test_bf16_model_keeps_fp32_factors_as_hf():
     model, inputs, _ = make("llama")
-    model = model.to(torch.bfloat16)
     cfg = dict(task_type="CAUSAL_LM", r=2)
-    ours = peftx.get_peft_model(twin(model), peftx.LoKrConfig(**cfg))
-    theirs = peft.get_peft_model(twin(model), peft.LoKrConfig(**cfg))
-    assert {n: p.dtype for n, p in ours.named_parameters()} == {n: p.dtype for n, p in theirs.named_parameters()}
-    assert {p.dtype for n, p in ours.named_parameters() if "lokr_" in n} == {torch.float32}
-    torch.testing.assert_close(logits(ours, inputs), logits(model, inputs), atol=0, rtol=0)
+    mc.check_bf16_model_keeps_fp32_factors_as_hf(model.to(torch.bfloat16), inputs, peftx.LoKrConfig(**cfg),
+                                                 peft.LoKrConfig(**cfg), "lokr_")
 
 
 def test_unsupported_layer_types_are_named():
