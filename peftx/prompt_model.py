@@ -103,11 +103,15 @@ class PromptLearningMixin:
                 m.disable_adapters = False
 
     # --- prompts -----------------------------------------------------------------------------------
+    @staticmethod
+    def _check_task_ids(config, task_ids) -> None:
+        if _type(config) != MULTITASK and task_ids is not None:
+            raise ValueError(f"task_ids is only used by multitask prompt tuning, not {_type(config)}")
+
     def _prompts(self, batch_size: int, task_ids=None, dtype=None) -> torch.Tensor:
         config = self.peft_config[self.active_adapter]
         encoder = self.prompt_encoder[self.active_adapter]
-        if _type(config) != MULTITASK and task_ids is not None:
-            raise ValueError(f"task_ids is only used by multitask prompt tuning, not {_type(config)}")
+        self._check_task_ids(config, task_ids)
         prompts = encoder.prompts(batch_size, task_ids)
         return prompts if dtype is None else prompts.to(dtype)
 
@@ -120,6 +124,11 @@ class PromptLearningMixin:
         config = self.peft_config[self.active_adapter]
         return prefix_cache(self.base_model, self._prefix(batch_size), config.num_layers, config.num_attention_heads,
                             encoder_decoder)
+
+    def _prefix_forward_kwargs(self, batch_size: int, kwargs: dict, encoder_decoder: bool = False) -> dict:
+        config = self.peft_config[self.active_adapter]
+        return prefix_forward_kwargs(self.base_model, self._prefix(batch_size), config.num_layers,
+                                     config.num_attention_heads, kwargs, encoder_decoder=encoder_decoder)
 
     def _embed_with_prompts(self, input_ids, inputs_embeds, task_ids, v_slice=None):
         if inputs_embeds is None:
@@ -141,10 +150,8 @@ class PromptLearningMixin:
         v = config.num_virtual_tokens
         batch = _batch_size(input_ids, inputs_embeds)
         if _type(config) == PREFIX:
-            if task_ids is not None:
-                raise ValueError("task_ids is only used by multitask prompt tuning, not PREFIX_TUNING")
-            kw = prefix_forward_kwargs(self.base_model, self._prefix(batch), config.num_layers,
-                                       config.num_attention_heads, {**kwargs, "attention_mask": attention_mask})
+            self._check_task_ids(config, task_ids)
+            kw = self._prefix_forward_kwargs(batch, {**kwargs, "attention_mask": attention_mask})
             return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, labels=labels, **kw)
         inputs_embeds, _ = self._embed_with_prompts(input_ids, inputs_embeds, task_ids)
         kwargs["attention_mask"] = extend_attention_mask(attention_mask, v)
@@ -169,10 +176,8 @@ class PromptLearningMixin:
         v = config.num_virtual_tokens
         batch = _batch_size(input_ids, inputs_embeds)
         if _type(config) == PREFIX:
-            if task_ids is not None:
-                raise ValueError("task_ids is only used by multitask prompt tuning, not PREFIX_TUNING")
-            kw = prefix_forward_kwargs(self.base_model, self._prefix(batch), config.num_layers,
-                                       config.num_attention_heads, kwargs, encoder_decoder=True)
+            self._check_task_ids(config, task_ids)
+            kw = self._prefix_forward_kwargs(batch, kwargs, encoder_decoder=True)
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                    **kw)
         inputs_embeds, prompts = self._embed_with_prompts(input_ids, inputs_embeds, task_ids, slice(0, v))
@@ -197,8 +202,7 @@ class PromptLearningMixin:
         if self._prompt_disabled:
             return self.base_model.generate(*args, **kwargs)
         config = self.peft_config[self.active_adapter]
-        if _type(config) != MULTITASK and task_ids is not None:
-            raise ValueError(f"task_ids is only used by multitask prompt tuning, not {_type(config)}")
+        self._check_task_ids(config, task_ids)
         if args:
             if "input_ids" in kwargs or len(args) > 1:
                 raise ValueError("generate: pass the inputs once, as input_ids=")
