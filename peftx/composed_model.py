@@ -22,7 +22,7 @@ import os
 import torch
 from torch import nn
 
-from peftx.tuners.prefix_tuning.cache import (accepts_past_key_values, extend_attention_mask, prefix_cache,
+from peftx.tuners.prefix_tuning.cache import (check_prefix_model, extend_attention_mask, prefix_cache,
                                               prefix_forward_kwargs)
 from peftx.tuners.prefix_tuning.encoder import PrefixEncoder
 from peftx.utils_modules import patch_prepare_inputs
@@ -83,12 +83,7 @@ class ComposedPrefixMixin:
             self._prefix_disabled = False
         prefix_config = config.prefix_config()
         prefix_config.fill_from_model(model)
-        if not accepts_past_key_values(model):
-            raise ValueError(f"{type(config).__name__} includes prefix tuning, which needs a model whose forward takes "
-                             f"past_key_values (a transformers model with a KV cache); {type(model).__name__} does not")
-        if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
-            raise ValueError("prefix tuning passes its prefix as a KV cache, which gradient checkpointing does not "
-                             "support: disable gradient checkpointing (model.gradient_checkpointing_disable())")
+        check_prefix_model(model, f"{type(config).__name__}'s prefix tuning")
         emb = self._input_embeddings()
         part = PrefixPart(prefix_config, emb.weight.shape[1] if emb is not None else None, config.prefix_gated)
         ref = next(model.parameters(), None)

@@ -22,7 +22,7 @@ import contextlib
 import torch
 from torch import nn
 
-from peftx.tuners.prefix_tuning.cache import (accepts_past_key_values, extend_attention_mask, prefix_cache,
+from peftx.tuners.prefix_tuning.cache import (check_prefix_model, extend_attention_mask, prefix_cache,
                                               prefix_forward_kwargs)
 from peftx.utils_modules import ModulesToSaveWrapper, get_parent, patch_prepare_inputs
 
@@ -73,12 +73,7 @@ class PromptLearningMixin:
         model = self.base_model
         config.fill_from_model(model)
         if _type(config) == PREFIX:
-            if not accepts_past_key_values(model):
-                raise ValueError(f"prefix tuning needs a model whose forward takes past_key_values (a transformers "
-                                 f"model with a KV cache); {type(model).__name__}.forward does not")
-            if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
-                raise ValueError("prefix tuning passes its prefix as a KV cache, which gradient checkpointing does not "
-                                 "support: disable gradient checkpointing (model.gradient_checkpointing_disable())")
+            check_prefix_model(model)
         elif self._word_embeddings() is None:
             raise ValueError(f"{_type(config)} prepends embeddings to the input embeddings, but "
                              f"{type(model).__name__} has no get_input_embeddings(); use a transformers model")

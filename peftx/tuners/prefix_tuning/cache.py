@@ -61,13 +61,26 @@ def accepts_past_key_values(model: nn.Module) -> bool:
     return "past_key_values" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def require_past_key_values(model: nn.Module, what: str = "prefix tuning") -> None:
+    """ValueError naming `what` unless model's forward takes past_key_values (the prefix is a KV cache)."""
+    if not accepts_past_key_values(model):
+        raise ValueError(f"{what} needs a model whose forward takes past_key_values (a transformers model with a "
+                         f"KV cache); {type(model).__name__}.forward does not")
+
+
+def check_prefix_model(model: nn.Module, what: str = "prefix tuning") -> None:
+    """When a prefix is added: the model takes past_key_values and gradient checkpointing is off."""
+    require_past_key_values(model, what)
+    if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        raise ValueError(f"{what} passes its prefix as a KV cache, which gradient checkpointing does not support: "
+                         "disable gradient checkpointing (model.gradient_checkpointing_disable())")
+
+
 def prefix_forward_kwargs(model: nn.Module, prefix: torch.Tensor, num_layers: int, num_heads: int,
                           kwargs: dict, encoder_decoder: bool = False) -> dict:
     """``kwargs`` for ``model(**kwargs)`` with the prefix in place: past_key_values set, the (decoder's,
     for encoder-decoder) attention mask extended by the prefix, explicit position ids shifted past it."""
-    if not accepts_past_key_values(model):
-        raise ValueError(f"prefix tuning needs a model whose forward takes past_key_values (a transformers "
-                         f"model with a KV cache); {type(model).__name__}.forward does not")
+    require_past_key_values(model)
     if kwargs.get("past_key_values") is not None:
         raise ValueError("past_key_values: prefix tuning supplies the cache itself; do not pass one")
     out = dict(kwargs)
