@@ -47,6 +47,20 @@ def _grads(layer):
             layer.lora_magnitude_vector["default"].weight.grad]
 
 
+def _assert_matches_hf(ours, hf, x, y_tol, dx_tol, param_tol):
+    """ours(x) equals hf(x), and so do the gradients of x and of the DoRA parameters."""
+    x = x.requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y, y_hf = ours(x), hf(x2)
+    torch.testing.assert_close(y, y_hf, **y_tol)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_hf.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, **dx_tol)
+    for a, b in zip(_grads(ours), _grads(hf)):
+        torch.testing.assert_close(a, b, **param_tol)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_hf_dora_linear_forward_and_gradients(bias):
     torch.manual_seed(1)
@@ -59,16 +73,8 @@ def test_matches_hf_dora_linear_forward_and_gradients(bias):
                                hf.lora_magnitude_vector["default"].weight, atol=1e-6, rtol=1e-6)
     randomize(ours)
     copy_adapter(ours, hf)
-    x = torch.randn(2, 7, 48, requires_grad=True)
-    x2 = x.detach().clone().requires_grad_()
-    y, y_hf = ours(x), hf(x2)
-    torch.testing.assert_close(y, y_hf, **TOL[torch.float32])
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_hf.backward(g)
-    torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
-    for a, b in zip(_grads(ours), _grads(hf)):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    _assert_matches_hf(ours, hf, torch.randn(2, 7, 48), TOL[torch.float32], dict(atol=1e-4, rtol=1e-4),
+                       dict(atol=1e-4, rtol=1e-4))
     # Same module structure, so the same state-dict keys as HF PEFT.
     assert set(ours.state_dict()) == set(hf.state_dict())
     assert "lora_magnitude_vector.default.weight" in ours.state_dict()
@@ -184,16 +190,8 @@ def test_4bit_matches_hf_over_the_dequantized_weight(blocksize, double_quant):
                                hf.lora_magnitude_vector["default"].weight, atol=1e-5, rtol=1e-5)
     randomize(ours)
     copy_adapter(ours, hf)
-    x = torch.randn(3, 4, 96, requires_grad=True)
-    x2 = x.detach().clone().requires_grad_()
-    y, y_hf = ours(x), hf(x2)
-    torch.testing.assert_close(y, y_hf, atol=1e-4, rtol=1e-4)
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_hf.backward(g)
-    torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
-    for a, b in zip(_grads(ours), _grads(hf)):
-        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+    _assert_matches_hf(ours, hf, torch.randn(3, 4, 96), dict(atol=1e-4, rtol=1e-4), dict(atol=1e-4, rtol=1e-4),
+                       dict(atol=2e-4, rtol=2e-4))
 
 
 def test_4bit_bf16_compute_and_merge_with_exact_unmerge():
