@@ -55,66 +55,94 @@ void dropout_rows_scalar(const Dropout& d, uint64_t e0, int64_t n, DropDt dt, co
 
 #define PEFTX_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,bmi2")))
 
-// (hi, lo) of the 32x32-bit products a * m in each of the 16 lanes.
-PEFTX_AVX512 inline void mulhilo16(__m512i a, __m512i m, __m512i* hi, __m512i* lo) {
-  const __m512i even = _mm512_mul_epu32(a, m);                         // lanes 0, 2, ...: 64-bit
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);  // lanes 1, 3, ...
-  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-}
+// Philox over 32 blocks (128 elements) at once, each block's words in the low halves of 64-bit lanes:
+// vpmuludq then yields a round's whole 64-bit product per lane (lo = the lane, hi = lane >> 32) and
+// the high halves carry garbage that no later step reads (vpmuludq and the final compares read low
+// halves only). Four independent vectors of 8 blocks keep the multiplier busy across the rounds'
+// mul -> shift -> xor latency chain (about twice the rate of one 16-block vector).
+struct PhiloxKeys {
+  uint64_t k0[10], k1[10];  // the round keys, zero-extended
+};
 
-// Keep bits of elements 4q .. 4q + 63 (bit i = element 4q + i): 16 Philox blocks, one per lane.
-PEFTX_AVX512 inline uint64_t keep_mask64(const Dropout& d, uint64_t q) {
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i qlo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q)));
-  __m512i c0 = _mm512_add_epi32(qlo, lane);
-  // Carry into the high word where q's low word wraps inside these 16 counters.
-  const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, qlo);
-  __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q >> 32))), carry,
-                                     _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q >> 32))),
-                                     _mm512_set1_epi32(1));
-  __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-  uint32_t k0 = static_cast<uint32_t>(d.seed), k1 = static_cast<uint32_t>(d.seed >> 32);
-  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  for (int round = 0; round < 10; ++round) {
-    if (round > 0) {
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    __m512i hi0, lo0, hi1, lo1;
-    mulhilo16(c0, m0, &hi0, &lo0);
-    mulhilo16(c2, m1, &hi1, &lo1);
-    const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
-    const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
+inline PhiloxKeys philox_keys(uint64_t seed) {
+  PhiloxKeys k;
+  uint32_t a = static_cast<uint32_t>(seed), b = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    k.k0[r] = a;
+    k.k1[r] = b;
+    a += 0x9E3779B9u;
+    b += 0xBB67AE85u;
   }
-  const __m512i thr = _mm512_set1_epi32(static_cast<int>(d.threshold));
-  // Word j of lane l is element 4l + j: spread each word's 16 keep bits to every 4th bit.
-  const uint64_t w0 = _mm512_cmpge_epu32_mask(c0, thr), w1 = _mm512_cmpge_epu32_mask(c1, thr),
-                 w2 = _mm512_cmpge_epu32_mask(c2, thr), w3 = _mm512_cmpge_epu32_mask(c3, thr);
-  constexpr uint64_t every4 = 0x1111111111111111ull;
-  return _pdep_u64(w0, every4) | _pdep_u64(w1, every4 << 1) | _pdep_u64(w2, every4 << 2) |
-         _pdep_u64(w3, every4 << 3);
+  return k;
 }
 
-PEFTX_AVX512 void keep_bytes_avx512(const Dropout& d, uint64_t e0, int64_t n, uint8_t* keep) {
-  const __m512i one = _mm512_set1_epi8(1);
+// Keep bits of elements 4q .. 4q + 127: bits[0] bit i = element 4q + i, bits[1] bit i = 4q + 64 + i.
+PEFTX_AVX512 inline void keep_mask128(const PhiloxKeys& k, uint32_t threshold, uint64_t q, uint64_t bits[2]) {
+  const __m512i qv = _mm512_set1_epi64(static_cast<long long>(q));
+  const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  __m512i c0[4], c1[4], c2[4], c3[4];
+  for (int v = 0; v < 4; ++v) {
+    const __m512i ctr = _mm512_add_epi64(qv, _mm512_add_epi64(lane, _mm512_set1_epi64(8 * v)));  // 64-bit q + b
+    c0[v] = ctr;
+    c1[v] = _mm512_srli_epi64(ctr, 32);
+    c2[v] = _mm512_setzero_si512();
+    c3[v] = _mm512_setzero_si512();
+  }
+  const __m512i m0 = _mm512_set1_epi64(0xD2511F53u), m1 = _mm512_set1_epi64(0xCD9E8D57u);
+  for (int r = 0; r < 10; ++r) {
+    const __m512i k0 = _mm512_set1_epi64(static_cast<long long>(k.k0[r]));
+    const __m512i k1 = _mm512_set1_epi64(static_cast<long long>(k.k1[r]));
+    for (int v = 0; v < 4; ++v) {
+      const __m512i p0 = _mm512_mul_epu32(c0[v], m0), p2 = _mm512_mul_epu32(c2[v], m1);
+      c0[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p2, 32), c1[v], k0, 0x96);  // hi1 ^ c1 ^ k0
+      c2[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), c3[v], k1, 0x96);  // hi0 ^ c3 ^ k1
+      c1[v] = p2;                                                                      // lo1
+      c3[v] = p0;                                                                      // lo0
+    }
+  }
+  // Blocks 16h .. 16h + 15 into one vector of 32-bit lanes (the low halves), then word j of lane l
+  // is element 4l + j: spread each word's 16 keep bits to every 4th bit.
+  const __m512i low_halves = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
+  constexpr uint64_t every4 = 0x1111111111111111ull;
+  for (int h = 0; h < 2; ++h) {
+    const int a = 2 * h, b = 2 * h + 1;
+    const uint64_t w0 = _mm512_cmpge_epu32_mask(_mm512_permutex2var_epi32(c0[a], low_halves, c0[b]), thr);
+    const uint64_t w1 = _mm512_cmpge_epu32_mask(_mm512_permutex2var_epi32(c1[a], low_halves, c1[b]), thr);
+    const uint64_t w2 = _mm512_cmpge_epu32_mask(_mm512_permutex2var_epi32(c2[a], low_halves, c2[b]), thr);
+    const uint64_t w3 = _mm512_cmpge_epu32_mask(_mm512_permutex2var_epi32(c3[a], low_halves, c3[b]), thr);
+    bits[h] = _pdep_u64(w0, every4) | _pdep_u64(w1, every4 << 1) | _pdep_u64(w2, every4 << 2) |
+              _pdep_u64(w3, every4 << 3);
+  }
+}
+
+// Calls f(i, bits, take) over [0, n) in runs of up to 64 elements: bits (bit j = element e0 + i + j)
+// holds the keep bits of the run's `take` elements.
+template <typename F>
+PEFTX_AVX512 inline void for_each_keep_run(const Dropout& d, uint64_t e0, int64_t n, F&& f) {
+  const PhiloxKeys k = philox_keys(d.seed);
   int64_t i = 0;
   uint64_t q = e0 >> 2;
   unsigned skip = static_cast<unsigned>(e0 & 3);  // elements of the first block before e0
   while (i < n) {
-    const uint64_t bits = keep_mask64(d, q) >> skip;
-    const int64_t take = std::min<int64_t>(64 - skip, n - i);
+    uint64_t bits[2];
+    keep_mask128(k, d.threshold, q, bits);
+    for (int h = 0; h < 2 && i < n; ++h) {
+      const int64_t take = std::min<int64_t>(64 - skip, n - i);
+      f(i, bits[h] >> skip, take);
+      i += take;
+      skip = 0;
+    }
+    q += 32;
+  }
+}
+
+PEFTX_AVX512 void keep_bytes_avx512(const Dropout& d, uint64_t e0, int64_t n, uint8_t* keep) {
+  const __m512i one = _mm512_set1_epi8(1);
+  for_each_keep_run(d, e0, n, [&](int64_t i, uint64_t bits, int64_t take) PEFTX_AVX512 {
     const __mmask64 store = take == 64 ? ~0ull : ((1ull << take) - 1);
     _mm512_mask_storeu_epi8(keep + i, store, _mm512_maskz_mov_epi8(bits, one));
-    i += take;
-    q += 16;
-    skip = 0;
-  }
+  });
 }
 
 
@@ -155,12 +183,7 @@ PEFTX_AVX512 inline void store16(DropDt dt, void* p, int64_t i, __mmask16 m, __m
 PEFTX_AVX512 void dropout_rows_avx512(const Dropout& d, uint64_t e0, int64_t n, DropDt dt, const void* x, void* xd,
                                       const void* t, void* dx) {
   const __m512 scale = _mm512_set1_ps(d.scale);
-  int64_t i = 0;
-  uint64_t q = e0 >> 2;
-  unsigned skip = static_cast<unsigned>(e0 & 3);
-  while (i < n) {
-    const uint64_t bits = keep_mask64(d, q) >> skip;
-    const int64_t take = std::min<int64_t>(64 - skip, n - i);
+  for_each_keep_run(d, e0, n, [&](int64_t i, uint64_t bits, int64_t take) PEFTX_AVX512 {
     for (int64_t j = 0; j < take; j += 16) {
       const int64_t c = std::min<int64_t>(16, take - j);
       const __mmask16 in = static_cast<__mmask16>(c == 16 ? 0xFFFFu : ((1u << c) - 1u));
@@ -171,10 +194,7 @@ PEFTX_AVX512 void dropout_rows_avx512(const Dropout& d, uint64_t e0, int64_t n, 
         store16(dt, dx, i + j, keep, sum);
       }
     }
-    i += take;
-    q += 16;
-    skip = 0;
-  }
+  });
 }
 
 }  // namespace

@@ -333,8 +333,9 @@ def test_bad_input_names_the_argument():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 61), (5, 64), (9, 129), (2, 1000), (40, 4100)])
-def test_cpu_dropout_paths_agree(monkeypatch, shape, dtype):
-    # The AVX-512 mask generator (16 Philox blocks per step, any start offset) and the scalar one make
+@pytest.mark.parametrize("seed", [123456789, 0x7A3C5E91D2B40F17])  # the second with both key words set
+def test_cpu_dropout_paths_agree(monkeypatch, shape, dtype, seed):
+    # The AVX-512 mask generator (32 Philox blocks per step, any start offset) and the scalar one make
     # the reference mask bit for bit, in forward (row chunks) and backward (column chunks); the
     # vectorized scaling and the adjoint's update round to the storage type exactly as the scalar
     # loops (NaN and values that round to fp16 subnormals or overflow included).
@@ -356,15 +357,15 @@ def test_cpu_dropout_paths_agree(monkeypatch, shape, dtype):
         if isa == "scalar":
             monkeypatch.setenv("PEFTX_CPU_ISA", "scalar")
             assert peftx._native._C.lora_dropout_isa() == "scalar"
-        y, u = ops.lora_linear_fwd(x, W, None, None, 64, None, A, B, 1.0, 0.3, 123456789)
-        results[isa] = (y, u) + ops.lora_linear_bwd(g, x, u, W, None, None, 64, A, B, 1.0, 0.3, 123456789)
+        y, u = ops.lora_linear_fwd(x, W, None, None, 64, None, A, B, 1.0, 0.3, seed)
+        results[isa] = (y, u) + ops.lora_linear_bwd(g, x, u, W, None, None, 64, A, B, 1.0, 0.3, seed)
     for a, b in zip(results["default"], results["scalar"]):
         assert torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
                            b.view(torch.int16 if b.element_size() == 2 else torch.int32))
     if dtype == torch.float32:
         xf = torch.nan_to_num(x, nan=0.0)
-        y, u = ops.lora_linear_fwd(xf, W, None, None, 64, None, A, B, 1.0, 0.3, 123456789)
-        want_u = lora_dropout_ref(xf, 0.3, 123456789) @ A.t()
+        y, u = ops.lora_linear_fwd(xf, W, None, None, 64, None, A, B, 1.0, 0.3, seed)
+        want_u = lora_dropout_ref(xf, 0.3, seed) @ A.t()
         torch.testing.assert_close(u, want_u, atol=1e-4, rtol=1e-5)
 
 
