@@ -24,6 +24,21 @@ void keep_bytes_scalar(const Dropout& d, uint64_t e0, int64_t n, uint8_t* keep) 
   }
 }
 
+// OR the run's `take` bits into the packed words at bit i (the words start zeroed).
+inline void put_bits(uint64_t* words, int64_t i, uint64_t bits, int64_t take) {
+  if (take < 64) bits &= (1ull << take) - 1;
+  const int64_t w = i >> 6, b = i & 63;
+  words[w] |= bits << b;
+  if (b != 0 && b + take > 64) words[w + 1] |= bits >> (64 - b);
+}
+
+void keep_bits_scalar(const Dropout& d, uint64_t e0, int64_t n, uint64_t* words) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t e = e0 + static_cast<uint64_t>(i);
+    if (dropout_keep(d.seed, d.threshold, e)) words[i >> 6] |= 1ull << (i & 63);
+  }
+}
+
 template <typename T>
 void rows_scalar(const Dropout& d, uint64_t e0, int64_t n, const T* x, T* xd, const T* t, T* dx) {
   uint8_t keep[256];
@@ -145,6 +160,11 @@ PEFTX_AVX512 void keep_bytes_avx512(const Dropout& d, uint64_t e0, int64_t n, ui
   });
 }
 
+PEFTX_AVX512 void keep_bits_avx512(const Dropout& d, uint64_t e0, int64_t n, uint64_t* words) {
+  for_each_keep_run(d, e0, n, [&](int64_t i, uint64_t bits, int64_t take) PEFTX_AVX512 {
+    put_bits(words, i, bits, take);
+  });
+}
 
 // 16 elements of dt at p + i (lanes outside m read as 0) as fp32: exact.
 PEFTX_AVX512 inline __m512 load16(DropDt dt, const void* p, int64_t i, __mmask16 m) {
@@ -206,6 +226,20 @@ void dropout_keep_bytes(const Dropout& d, uint64_t e0, int64_t n, uint8_t* keep)
     keep_bytes_avx512(d, e0, n, keep);
   } else {
     keep_bytes_scalar(d, e0, n, keep);
+  }
+}
+
+void dropout_keep_bits(const Dropout& d, uint64_t e0, int64_t row_stride, int64_t rows, int64_t n, uint64_t* words) {
+  const int64_t per_row = (n + 63) / 64;
+  std::fill(words, words + rows * per_row, uint64_t{0});
+  const bool avx512 = cpu_isa() == CpuIsa::avx512;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint64_t e = e0 + static_cast<uint64_t>(r * row_stride);
+    if (avx512) {
+      keep_bits_avx512(d, e, n, words + r * per_row);
+    } else {
+      keep_bits_scalar(d, e, n, words + r * per_row);
+    }
   }
 }
 

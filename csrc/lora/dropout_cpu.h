@@ -17,6 +17,11 @@ namespace lora {
 // keep[i] = dropout_keep(d.seed, d.threshold, e0 + i) for i in [0, n).
 void dropout_keep_bytes(const Dropout& d, uint64_t e0, int64_t n, uint8_t* keep);
 
+// The same mask packed, for n elements of each of `rows` rows row_stride apart: with W = (n + 63) / 64
+// words per row, bit i % 64 of words[r * W + i / 64] = dropout_keep(e0 + r * row_stride + i) for
+// i in [0, n) (all rows * W words are overwritten; bits past n are 0).
+void dropout_keep_bits(const Dropout& d, uint64_t e0, int64_t row_stride, int64_t rows, int64_t n, uint64_t* words);
+
 // Storage types of the elementwise passes (float64 stays on the callers' scalar loops).
 enum class DropDt { kF32, kBF16, kF16 };
 

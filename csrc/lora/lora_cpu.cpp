@@ -14,6 +14,7 @@
 #include "lora/dropout_cpu.h"
 #include "lora/lora_base.h"
 #include "lora/lora_math.h"
+#include "lora/rank_bf16_cpu.h"
 
 namespace peftx {
 namespace lora {
@@ -60,7 +61,10 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
   const int64_t M = x2.size(0), K = x2.size(1), R = lora_A.size(0), N = lora_B.size(0);
   at::Tensor y = base_forward(x2, base, N, bias);
   at::Tensor u;
-  if (dropout_p == 0.0 || M == 0) {
+  if (M > 0 && rank_bf16_applies(x2)) {
+    const Dropout d = make_dropout(static_cast<uint64_t>(seed), dropout_p);
+    u = rank_shrink_bf16(x2, lora_A, dropout_p == 0.0 ? nullptr : &d);
+  } else if (dropout_p == 0.0 || M == 0) {
     u = at::mm(x2, lora_A.t());
   } else {
     // u = dropout(x) A^T, row chunk by row chunk.
@@ -115,7 +119,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   const int64_t M = p.M, K = p.K, R = p.R;
   at::Tensor& dx = p.dx;
   at::Tensor dA;
-  if (dropout_p == 0.0 || M == 0) {
+  if (M > 0 && rank_bf16_applies(x2) && rank_adjoint_applies(R) && (!need_dx || dx.is_contiguous())) {
+    const Dropout d = make_dropout(static_cast<uint64_t>(seed), dropout_p);
+    dA = rank_adjoint_bf16(x2, gBs, lora_A, dropout_p == 0.0 ? nullptr : &d, need_dx ? &dx : nullptr);
+  } else if (dropout_p == 0.0 || M == 0) {
     dA = lora_bwd_no_dropout(p, need_dx);
   } else {
     // Column chunks of x: dA[:, chunk] = gBs^T dropout(x)[:, chunk]; dx[:, chunk] += mask * (gBs A[:, chunk]).

@@ -1,0 +1,44 @@
+// The rank-r products of lora_linear_fwd / lora_linear_bwd for bf16 inputs on AVX-512 BF16 CPUs,
+// with the dropout applied on the fly (raw pointers, no torch headers). They replace the at::mm
+// calls on [tokens, r] and [r, in_features] operands, whose BLAS calls run far below bandwidth at
+// these shapes, and fuse the backward's two products over the input into one pass.
+//
+// Rounding: xd = dropout(x) is rounded to bf16 exactly as the elementwise dropout pass rounds it
+// (dropout_cpu.h), products are summed in fp32 (vdpbf16ps), and each result is rounded once.
+#pragma once
+
+#include <cstdint>
+
+#include "lora/lora_math.h"
+
+namespace peftx {
+namespace lora {
+namespace cpu {
+
+// Whether this CPU and the selected instruction set run the kernels below (cpu_isa() == avx512 and
+// AVX-512 BF16).
+bool rank_bf16_supported();
+
+// The largest rank the backward kernel takes (its accumulators live in registers).
+constexpr int64_t kAdjointMaxRank = 16;
+
+// u[m, j] = bf16(sum_k xd[m, k] A[j, k]) for the rows m in [m0, m1) of x [M, K], with xd = x when d
+// is null and dropout(x) under d otherwise. A [R, K] bf16, u [M, R]. buf: scratch for 4 K bf16
+// (used under d).
+void shrink_bf16(const Dropout* d, const uint16_t* x, int64_t m0, int64_t m1, int64_t K, const uint16_t* A,
+                 int64_t R, uint16_t* buf, uint16_t* u);
+
+// For the columns k in [k0, k1) of x [M, K] (k0 % 16 == 0), with xd and keep as above (keep = 1
+// without d) and scale = d->scale (1 without d):
+//   dA[j, k] = sum_m xd[m, k] gBs[m, j]                               (fp32, dA [R, K])
+//   dx[m, k] = bf16(dx[m, k] + scale * sum_j gBs[m, j] A[j, k])  where keep, if dx is given.
+// R <= kAdjointMaxRank. gBs: [M, R2] bf16 with R2 = R rounded up to even (a zero column if R is
+// odd); gBsT: [(M + 1) / 2, R] dwords, gBsT[i][j] = (gBs[2 i, j], gBs[2 i + 1, j]) (0 past M).
+// A [R, K] bf16. bits: scratch for M * ((k1 - k0 + 63) / 64) words (used under d).
+void adjoint_bf16(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k0, int64_t k1,
+                  const uint16_t* gBs, const uint32_t* gBsT, const uint16_t* A, int64_t R, float* dA, uint16_t* dx,
+                  uint64_t* bits);
+
+}  // namespace cpu
+}  // namespace lora
+}  // namespace peftx

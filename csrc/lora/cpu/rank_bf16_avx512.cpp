@@ -1,0 +1,204 @@
+// AVX-512 BF16 kernels of rank_bf16.h.
+//
+// shrink: lanes over k; 4 rows x up to 4 ranks of accumulators (each loaded vector feeds 4 dot
+// products), reduced across lanes at the end. Under dropout the 4 rows are first dropped out into
+// an L1 buffer by the vectorized elementwise pass (dropout_rows), which rounds them as the op's
+// other paths do.
+//
+// adjoint: lanes over 16 columns k. dA needs a sum over the rows: vdpbf16ps takes rows in pairs,
+// (xd[m, k], xd[m + 1, k]) against (gBs[m, j], gBs[m + 1, j]) broadcast, one accumulator per rank
+// (R <= 16 registers for the whole column strip). The LoRA term of dx needs a sum over the ranks:
+// A's strip is held as rank pairs (A[2 i, k], A[2 i + 1, k]) (R2 / 2 <= 8 registers) against
+// (gBs[m, 2 i], gBs[m, 2 i + 1]) broadcast. The mask of the strip's rows is drawn once per column
+// chunk into packed bits.
+#include "lora/cpu/rank_bf16.h"
+
+#include <algorithm>
+
+#include "common/cpu_isa.h"
+#include "lora/dropout_cpu.h"
+#include "nf4/cpu/simd_avx512.h"
+
+namespace peftx {
+namespace lora {
+namespace cpu {
+namespace {
+
+using nf4::cpu::avx512::bf16_high;
+
+constexpr int kRows = 4;
+constexpr int64_t kPrefetchRows = 8;
+
+PEFTX_AVX512_INLINE __mmask32 lanes32(int64_t n) {
+  return n >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1u);
+}
+PEFTX_AVX512_INLINE __mmask16 lanes16(int64_t n) {
+  return n >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// 16 bf16 at p (lanes outside m read as 0) as fp32.
+PEFTX_AVX512_INLINE __m512 load_bf16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// The bf16 of each lane of v in the low 16 bits of a dword (high bits 0), as bf16_from_float.
+PEFTX_AVX512_INLINE __m512i bf16_low(__m512 v) { return _mm512_srli_epi32(bf16_high(v), 16); }
+
+// acc[i][j] += xr[i][k .. k + 32) . A[r0 + j, k .. k + 32) (lanes outside `in` read as 0).
+template <int RB, bool kMasked>
+PEFTX_AVX512BF16 inline __attribute__((always_inline)) void shrink_step(__m512 (&acc)[kRows][RB],
+                                                                       const uint16_t* const* xr, const uint16_t* A,
+                                                                       int64_t K, int64_t r0, int64_t k, __mmask32 in) {
+  __m512bh av[RB];
+  for (int j = 0; j < RB; ++j) {
+    const uint16_t* a = A + (r0 + j) * K + k;
+    av[j] = (__m512bh)(kMasked ? _mm512_maskz_loadu_epi16(in, a) : _mm512_loadu_si512(a));
+  }
+  for (int i = 0; i < kRows; ++i) {
+    const __m512bh xv = (__m512bh)(kMasked ? _mm512_maskz_loadu_epi16(in, xr[i] + k) : _mm512_loadu_si512(xr[i] + k));
+    for (int j = 0; j < RB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av[j], xv);
+  }
+}
+
+// u[i * R + r0 + j] = bf16(sum_k xr[i][k] A[r0 + j, k]) for i < nrows, j < RB.
+template <int RB>
+PEFTX_AVX512BF16 void shrink_tile(const uint16_t* const* xr, int nrows, int64_t K, const uint16_t* A, int64_t R,
+                                  int64_t r0, uint16_t* u) {
+  __m512 acc[kRows][RB];
+  for (int i = 0; i < kRows; ++i)
+    for (int j = 0; j < RB; ++j) acc[i][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) shrink_step<RB, false>(acc, xr, A, K, r0, k, 0);
+  if (k < K) shrink_step<RB, true>(acc, xr, A, K, r0, k, lanes32(K - k));
+  float sums[kRows][RB];
+  for (int i = 0; i < kRows; ++i)
+    for (int j = 0; j < RB; ++j) sums[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+  for (int i = 0; i < nrows; ++i)
+    for (int j = 0; j < RB; ++j) u[i * R + r0 + j] = bf16_from_float(sums[i][j]).bits;
+}
+
+// One strip of 16 columns at k (lanes `in`) of adjoint_bf16, for R2 / 2 = P rank pairs.
+template <int P, bool kDrop>
+PEFTX_AVX512BF16 void adjoint_strip(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k,
+                                    __mmask16 in, const uint64_t* bits, int64_t words, int64_t bit0,
+                                    const uint16_t* gBs, const uint32_t* gBsT, const uint16_t* A, int64_t R,
+                                    float* dA, uint16_t* dx) {
+  const __m512 scale = _mm512_set1_ps(kDrop ? d->scale : 1.0f);
+  // A's strip as rank pairs: dword lane l of ap[i] = (A[2 i, k + l], A[2 i + 1, k + l]).
+  __m512bh ap[P];
+  for (int i = 0; i < P; ++i) {
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, A + (2 * i) * K + k));
+    const __m512i hi = 2 * i + 1 < R ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, A + (2 * i + 1) * K + k))
+                                     : _mm512_setzero_si512();
+    ap[i] = (__m512bh)_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+  }
+  __m512 acc[2 * P];
+  for (int j = 0; j < 2 * P; ++j) acc[j] = _mm512_setzero_ps();
+  const int64_t R2 = 2 * P;
+  for (int64_t m = 0; m < M; m += 2) {
+    const bool two = m + 1 < M;
+    // The rows are K apart (a new page each, beyond the hardware prefetchers): fetch the strip's
+    // line of x and dx kPrefetchRows rows ahead (the next strip, 16 columns on, reads it again).
+    if (m + kPrefetchRows + 1 < M) {
+      for (int r = 0; r < 2; ++r) {
+        __builtin_prefetch(x + (m + kPrefetchRows + r) * K + k);
+        if (dx != nullptr) __builtin_prefetch(dx + (m + kPrefetchRows + r) * K + k, 1);
+      }
+    }
+    __mmask16 keep0 = in, keep1 = two ? in : __mmask16{0};
+    if constexpr (kDrop) {
+      keep0 &= static_cast<__mmask16>(bits[m * words + (bit0 >> 6)] >> (bit0 & 63));
+      if (two) keep1 &= static_cast<__mmask16>(bits[(m + 1) * words + (bit0 >> 6)] >> (bit0 & 63));
+    }
+    // xd of the two rows (bf16, 0 where dropped) interleaved into dword pairs.
+    __m512i xd0, xd1;
+    if constexpr (kDrop) {
+      xd0 = bf16_low(_mm512_maskz_mul_ps(keep0, load_bf16(x + m * K + k, in), scale));
+      xd1 = bf16_low(_mm512_maskz_mul_ps(keep1, load_bf16(x + (m + 1) * K + k, keep1), scale));
+    } else {
+      xd0 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, x + m * K + k));
+      xd1 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep1, x + (m + 1) * K + k));
+    }
+    const __m512bh xp = (__m512bh)_mm512_or_si512(xd0, _mm512_slli_epi32(xd1, 16));
+    const int64_t i2 = m / 2;
+    for (int j = 0; j < 2 * P; ++j) {
+      if (j >= R) break;
+      acc[j] = _mm512_dpbf16_ps(acc[j], xp, (__m512bh)_mm512_set1_epi32(static_cast<int>(gBsT[i2 * R + j])));
+    }
+    if (dx == nullptr) continue;
+    for (int r = 0; r < 2; ++r) {
+      if (r == 1 && !two) break;
+      const int64_t row = m + r;
+      const __mmask16 keep = r == 0 ? keep0 : keep1;
+      const uint32_t* g = reinterpret_cast<const uint32_t*>(gBs + row * R2);
+      __m512 t = _mm512_setzero_ps();
+      for (int i = 0; i < P; ++i) t = _mm512_dpbf16_ps(t, ap[i], (__m512bh)_mm512_set1_epi32(static_cast<int>(g[i])));
+      uint16_t* dxr = dx + row * K + k;
+      const __m512 sum = _mm512_add_ps(load_bf16(dxr, keep), _mm512_mul_ps(t, scale));
+      _mm256_mask_storeu_epi16(dxr, keep, _mm512_cvtepi32_epi16(bf16_low(sum)));
+    }
+  }
+  for (int j = 0; j < R; ++j) _mm512_mask_storeu_ps(dA + j * K + k, in, acc[j]);
+}
+
+template <int P>
+PEFTX_AVX512BF16 void adjoint_cols(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k0, int64_t k1,
+                                   const uint64_t* bits, int64_t words, const uint16_t* gBs, const uint32_t* gBsT,
+                                   const uint16_t* A, int64_t R, float* dA, uint16_t* dx) {
+  for (int64_t k = k0; k < k1; k += 16) {
+    const __mmask16 in = lanes16(k1 - k);
+    if (d != nullptr) {
+      adjoint_strip<P, true>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dx);
+    } else {
+      adjoint_strip<P, false>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dx);
+    }
+  }
+}
+
+}  // namespace
+
+bool rank_bf16_supported() { return cpu_isa() == CpuIsa::avx512 && cpu_has_avx512bf16(); }
+
+PEFTX_AVX512BF16 void shrink_bf16(const Dropout* d, const uint16_t* x, int64_t m0, int64_t m1, int64_t K,
+                                  const uint16_t* A, int64_t R, uint16_t* buf, uint16_t* u) {
+  for (int64_t m = m0; m < m1; m += kRows) {
+    const int nrows = static_cast<int>(std::min<int64_t>(kRows, m1 - m));
+    const uint16_t* rows = x + m * K;
+    if (d != nullptr) {
+      dropout_rows(*d, static_cast<uint64_t>(m * K), nrows * K, DropDt::kBF16, rows, buf, nullptr, nullptr);
+      rows = buf;
+    }
+    const uint16_t* xr[kRows];
+    for (int i = 0; i < kRows; ++i) xr[i] = rows + (i < nrows ? i : 0) * K;  // missing rows repeat row 0
+    uint16_t* ur = u + m * R;
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+      switch (std::min<int64_t>(4, R - r0)) {
+        case 1: shrink_tile<1>(xr, nrows, K, A, R, r0, ur); break;
+        case 2: shrink_tile<2>(xr, nrows, K, A, R, r0, ur); break;
+        case 3: shrink_tile<3>(xr, nrows, K, A, R, r0, ur); break;
+        default: shrink_tile<4>(xr, nrows, K, A, R, r0, ur); break;
+      }
+    }
+  }
+}
+
+void adjoint_bf16(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k0, int64_t k1,
+                  const uint16_t* gBs, const uint32_t* gBsT, const uint16_t* A, int64_t R, float* dA, uint16_t* dx,
+                  uint64_t* bits) {
+  const int64_t words = (k1 - k0 + 63) / 64;
+  if (d != nullptr) dropout_keep_bits(*d, static_cast<uint64_t>(k0), K, M, k1 - k0, bits);
+  switch ((R + 1) / 2) {
+    case 1: return adjoint_cols<1>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dx);
+    case 2: return adjoint_cols<2>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dx);
+    case 3: return adjoint_cols<3>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dx);
+    case 4: return adjoint_cols<4>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dx);
+    case 5: return adjoint_cols<5>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dx);
+    case 6: return adjoint_cols<6>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dx);
+    case 7: return adjoint_cols<7>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dx);
+    default: return adjoint_cols<8>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dx);
+  }
+}
+
+}  // namespace cpu
+}  // namespace lora
+}  // namespace peftx

@@ -1,0 +1,72 @@
+#include "lora/rank_bf16_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "lora/cpu/rank_bf16.h"
+
+namespace peftx {
+namespace lora {
+namespace {
+
+const uint16_t* bf16_ptr(const at::Tensor& t) { return static_cast<const uint16_t*>(t.const_data_ptr()); }
+
+// Columns per task of the backward: a task's rows x columns of x and dx (2 x 2 bytes each) stay in
+// a 1 MiB L2 while its 16-column strips walk down the rows; at least one task per thread.
+int64_t adjoint_cols(int64_t M, int64_t K) {
+  constexpr int64_t kL2Elements = 1 << 17;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t by_cache = kL2Elements / std::max<int64_t>(M, 1);
+  const int64_t by_threads = (K + threads - 1) / threads;
+  return std::max<int64_t>(16, (std::min(by_cache, by_threads) + 15) / 16 * 16);
+}
+
+}  // namespace
+
+bool rank_bf16_applies(const at::Tensor& x2) {
+  return x2.is_cpu() && x2.scalar_type() == at::kBFloat16 && cpu::rank_bf16_supported();
+}
+
+at::Tensor rank_shrink_bf16(const at::Tensor& x2, const at::Tensor& lora_A, const Dropout* d) {
+  const int64_t M = x2.size(0), K = x2.size(1), R = lora_A.size(0);
+  const at::Tensor A = lora_A.contiguous();
+  at::Tensor u = at::empty({M, R}, x2.options());
+  uint16_t* up = static_cast<uint16_t*>(u.data_ptr());
+  // Groups of 4 rows (the kernel's tile) per task.
+  at::parallel_for(0, (M + 3) / 4, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<uint16_t> buf(d != nullptr ? 4 * K : 0);
+    cpu::shrink_bf16(d, bf16_ptr(x2), g0 * 4, std::min(M, g1 * 4), K, bf16_ptr(A), R, buf.data(), up);
+  });
+  return u;
+}
+
+bool rank_adjoint_applies(int64_t rank) { return rank <= cpu::kAdjointMaxRank; }
+
+at::Tensor rank_adjoint_bf16(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor& lora_A, const Dropout* d,
+                             at::Tensor* dx) {
+  const int64_t M = x2.size(0), K = x2.size(1), R = lora_A.size(0), R2 = R + (R & 1), Mh = (M + 1) / 2;
+  const at::Tensor A = lora_A.contiguous();
+  // The kernel reads gBs's rows as rank pairs (a zero column for odd R) and its columns as row pairs.
+  const at::Tensor g = R2 == R ? gBs.contiguous() : at::constant_pad_nd(gBs, {0, 1});
+  const uint16_t* gp = bf16_ptr(g);
+  std::vector<uint32_t> gT(R * Mh, 0u);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < R; ++j) gT[(m / 2) * R + j] |= static_cast<uint32_t>(gp[m * R2 + j]) << (16 * (m & 1));
+  at::Tensor dA = at::empty({R, K}, x2.options().dtype(at::kFloat));
+  float* dAp = dA.data_ptr<float>();
+  uint16_t* dxp = dx != nullptr ? static_cast<uint16_t*>(dx->data_ptr()) : nullptr;
+  const int64_t cols = adjoint_cols(M, K);
+  at::parallel_for(0, (K + cols - 1) / cols, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<uint64_t> bits(d != nullptr ? M * ((cols + 63) / 64) : 0);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t k0 = c * cols, k1 = std::min(K, k0 + cols);
+      cpu::adjoint_bf16(d, bf16_ptr(x2), M, K, k0, k1, gp, gT.data(), bf16_ptr(A), R, dAp, dxp, bits.data());
+    }
+  });
+  return dA;
+}
+
+}  // namespace lora
+}  // namespace peftx
