@@ -55,8 +55,8 @@ PYBIND11_MODULE(_C, m) {
         "Instruction set of the CPU LoRA dropout-mask generator (PEFTX_CPU_ISA=scalar forces scalar).");
   m.def("lora_rank_bf16_supported", &peftx::lora::cpu::rank_bf16_supported,
         "Whether the LoRA ops run their bf16 rank-r products on the AVX-512 BF16 kernels now.");
-  m.def("lora_adjoint_max_rank", [] { return peftx::lora::cpu::kAdjointMaxRank; },
-        "The largest rank the bf16 LoRA backward kernel takes (larger ranks use the BLAS).");
+  m.def("lora_rank_bf16_max_rank", [] { return peftx::lora::cpu::kMaxRank; },
+        "The largest rank the bf16 LoRA expand and backward kernels take (larger ranks use the BLAS).");
   m.def("cpu_isa", [] { return std::string(peftx::nf4::cpu::isa_name(peftx::nf4::cpu::active_isa())); },
         "The CPU kernel table the NF4 ops run now (PEFTX_CPU_ISA=avx512|avx2|scalar|auto forces one).");
   m.def("cpu_isas", &peftx::nf4::cpu::supported_isas, "The CPU kernel tables this CPU supports, best first.");

@@ -6,6 +6,7 @@
 
 #include "common/checks.h"
 #include "lora/dense_small_cpu.h"
+#include "lora/rank_bf16_cpu.h"
 
 namespace peftx {
 namespace lora {
@@ -83,8 +84,14 @@ BwdParts lora_bwd_common(const char* op, const at::Tensor& grad, const at::Tenso
   p.R = p.lora_A.size(0);
   p.N = p.lora_B.size(0);
   p.g2 = check_bwd_args(op, grad, x, u, p.M, p.R, p.N);
-  p.gBs = at::mm(p.g2, p.lora_B).mul_(scaling);  // shared by all three gradients
-  p.dB = at::mm(p.g2.t(), u.mul(scaling));
+  if (p.M > 0 && p.x2.is_cpu() && rank_bf16_applies(p.g2) && rank_bf16_takes(p.R)) {
+    // The same products on the bf16 rank-r kernels (rounded at the same points).
+    p.gBs = rank_shrink_bf16(p.g2, p.lora_B.t(), nullptr).mul_(scaling);
+    p.dB = rank_ut_g_bf16(p.g2, u.mul(scaling)).t().contiguous();
+  } else {
+    p.gBs = at::mm(p.g2, p.lora_B).mul_(scaling);  // shared by all three gradients
+    p.dB = at::mm(p.g2.t(), u.mul(scaling));
+  }
   p.dx = need_dx ? base_input_grad(p.g2, base, p.K) : at::empty({0}, p.x2.options());
   return p;
 }

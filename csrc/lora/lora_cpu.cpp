@@ -102,7 +102,11 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
       });
     });
   }
-  if (M > 0) y.addmm_(u, lora_B.t(), 1.0, scaling);
+  if (M > 0 && rank_bf16_applies(x2) && rank_bf16_takes(R) && y.is_contiguous()) {
+    rank_expand_bf16(y, u, lora_B, scaling);
+  } else if (M > 0) {
+    y.addmm_(u, lora_B.t(), 1.0, scaling);
+  }
   return {y.view(leading_shape_with(x, N)), u};
 }
 
@@ -119,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   const int64_t M = p.M, K = p.K, R = p.R;
   at::Tensor& dx = p.dx;
   at::Tensor dA;
-  if (M > 0 && rank_bf16_applies(x2) && rank_adjoint_applies(R) && (!need_dx || dx.is_contiguous())) {
+  if (M > 0 && rank_bf16_applies(x2) && rank_bf16_takes(R) && (!need_dx || dx.is_contiguous())) {
     const Dropout d = make_dropout(static_cast<uint64_t>(seed), dropout_p);
     dA = rank_adjoint_bf16(x2, gBs, lora_A, dropout_p == 0.0 ? nullptr : &d, need_dx ? &dx : nullptr);
   } else if (dropout_p == 0.0 || M == 0) {

@@ -20,7 +20,8 @@ int64_t adjoint_cols(int64_t M, int64_t K) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t by_cache = kL2Elements / std::max<int64_t>(M, 1);
   const int64_t by_threads = (K + threads - 1) / threads;
-  return std::max<int64_t>(16, (std::min(by_cache, by_threads) + 15) / 16 * 16);
+  // At least 128 columns: the mask is drawn 128 elements per step and row.
+  return std::max<int64_t>(128, (std::min(by_cache, by_threads) + 15) / 16 * 16);
 }
 
 }  // namespace
@@ -29,9 +30,9 @@ bool rank_bf16_applies(const at::Tensor& x2) {
   return x2.is_cpu() && x2.scalar_type() == at::kBFloat16 && cpu::rank_bf16_supported();
 }
 
-at::Tensor rank_shrink_bf16(const at::Tensor& x2, const at::Tensor& lora_A, const Dropout* d) {
-  const int64_t M = x2.size(0), K = x2.size(1), R = lora_A.size(0);
-  const at::Tensor A = lora_A.contiguous();
+at::Tensor rank_shrink_bf16(const at::Tensor& x2, const at::Tensor& A_in, const Dropout* d) {
+  const int64_t M = x2.size(0), K = x2.size(1), R = A_in.size(0);
+  const at::Tensor A = A_in.contiguous();
   at::Tensor u = at::empty({M, R}, x2.options());
   uint16_t* up = static_cast<uint16_t*>(u.data_ptr());
   // Groups of 4 rows (the kernel's tile) per task.
@@ -42,31 +43,60 @@ at::Tensor rank_shrink_bf16(const at::Tensor& x2, const at::Tensor& lora_A, cons
   return u;
 }
 
-bool rank_adjoint_applies(int64_t rank) { return rank <= cpu::kAdjointMaxRank; }
+bool rank_bf16_takes(int64_t rank) { return rank <= cpu::kMaxRank; }
 
-at::Tensor rank_adjoint_bf16(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor& lora_A, const Dropout* d,
-                             at::Tensor* dx) {
-  const int64_t M = x2.size(0), K = x2.size(1), R = lora_A.size(0), R2 = R + (R & 1), Mh = (M + 1) / 2;
-  const at::Tensor A = lora_A.contiguous();
+void rank_expand_bf16(at::Tensor& y2, const at::Tensor& u, const at::Tensor& B, double s) {
+  const int64_t M = y2.size(0), N = y2.size(1), R = u.size(1), P = (R + 1) / 2;
+  const at::Tensor Bc = B.contiguous();
+  const uint16_t* bp = bf16_ptr(Bc);
+  // B^T as rank pairs: BTp[i][n] = (B[n, 2 i], B[n, 2 i + 1]).
+  std::vector<uint32_t> BTp(P * N);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < P; ++i)
+      BTp[i * N + n] = bp[n * R + 2 * i] | (2 * i + 1 < R ? static_cast<uint32_t>(bp[n * R + 2 * i + 1]) << 16 : 0u);
+  uint16_t* yp = static_cast<uint16_t*>(y2.data_ptr());
+  at::parallel_for(0, (M + 3) / 4, 1, [&](int64_t g0, int64_t g1) {
+    cpu::expand_bf16(bf16_ptr(u), g0 * 4, std::min(M, g1 * 4), R, BTp.data(), N, static_cast<float>(s), yp);
+  });
+}
+
+namespace {
+
+// dA [R, K] fp32 = gBs^T xd, and dx += D^T(gBs A) where A and dx are given.
+at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor* A, const Dropout* d,
+                   at::Tensor* dx) {
+  const int64_t M = x2.size(0), K = x2.size(1), R = gBs.size(1), R2 = R + (R & 1), Mh = (M + 1) / 2;
+  at::Tensor Ac;
+  if (A != nullptr) Ac = A->contiguous();
   // The kernel reads gBs's rows as rank pairs (a zero column for odd R) and its columns as row pairs.
   const at::Tensor g = R2 == R ? gBs.contiguous() : at::constant_pad_nd(gBs, {0, 1});
   const uint16_t* gp = bf16_ptr(g);
-  std::vector<uint32_t> gT(R * Mh, 0u);
+  std::vector<uint32_t> gT(Mh * R2, 0u);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < R; ++j) gT[(m / 2) * R + j] |= static_cast<uint32_t>(gp[m * R2 + j]) << (16 * (m & 1));
+    for (int64_t j = 0; j < R; ++j) gT[(m / 2) * R2 + j] |= static_cast<uint32_t>(gp[m * R2 + j]) << (16 * (m & 1));
   at::Tensor dA = at::empty({R, K}, x2.options().dtype(at::kFloat));
   float* dAp = dA.data_ptr<float>();
   uint16_t* dxp = dx != nullptr ? static_cast<uint16_t*>(dx->data_ptr()) : nullptr;
+  const uint16_t* ap = A != nullptr ? bf16_ptr(Ac) : nullptr;
   const int64_t cols = adjoint_cols(M, K);
   at::parallel_for(0, (K + cols - 1) / cols, 1, [&](int64_t c0, int64_t c1) {
     std::vector<uint64_t> bits(d != nullptr ? M * ((cols + 63) / 64) : 0);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t k0 = c * cols, k1 = std::min(K, k0 + cols);
-      cpu::adjoint_bf16(d, bf16_ptr(x2), M, K, k0, k1, gp, gT.data(), bf16_ptr(A), R, dAp, dxp, bits.data());
+      cpu::adjoint_bf16(d, bf16_ptr(x2), M, K, k0, k1, gp, gT.data(), ap, R, dAp, dxp, bits.data());
     }
   });
   return dA;
 }
+
+}  // namespace
+
+at::Tensor rank_adjoint_bf16(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor& A, const Dropout* d,
+                             at::Tensor* dx) {
+  return adjoint(x2, gBs, &A, d, dx);
+}
+
+at::Tensor rank_ut_g_bf16(const at::Tensor& g2, const at::Tensor& u) { return adjoint(g2, u, nullptr, nullptr, nullptr); }
 
 }  // namespace lora
 }  // namespace peftx

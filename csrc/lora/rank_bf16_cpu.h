@@ -1,6 +1,6 @@
 // The LoRA ops' rank-r products for bf16 on the CPU (lora/cpu/rank_bf16.h's kernels: threads,
-// layout and when they apply). lora_cpu.cpp calls these where rank_bf16_applies() and keeps its
-// at::mm paths for the other dtypes and CPUs.
+// layout and when they apply). lora_cpu.cpp and lora_base.cpp call these where rank_bf16_applies()
+// (and, for all but the shrink, rank_bf16_takes(r)) and keep their at::mm paths otherwise.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,17 +12,22 @@ namespace lora {
 
 // x2 is bf16 on a CPU with AVX-512 BF16 (and cpu_isa() allows AVX-512).
 bool rank_bf16_applies(const at::Tensor& x2);
+// Whether the expand and backward kernels take this rank.
+bool rank_bf16_takes(int64_t rank);
 
-// u = xd lora_A^T [M, R] bf16, xd = x2 or dropout(x2) under d (may be null). lora_A [R, K] bf16.
-at::Tensor rank_shrink_bf16(const at::Tensor& x2, const at::Tensor& lora_A, const Dropout* d);
+// u = xd A^T [M, R] bf16, xd = x2 or dropout(x2) under d (may be null). A [R, K] bf16.
+at::Tensor rank_shrink_bf16(const at::Tensor& x2, const at::Tensor& A, const Dropout* d);
 
-// Whether rank_adjoint_bf16 takes this rank.
-bool rank_adjoint_applies(int64_t rank);
+// y2 += s u B^T in place (y2 [M, N] contiguous bf16, u [M, R] bf16, B [N, R] bf16).
+void rank_expand_bf16(at::Tensor& y2, const at::Tensor& u, const at::Tensor& B, double s);
 
-// dA = gBs^T xd [R, K] in fp32, and dx += D^T(gBs lora_A) in place if dx is given (contiguous bf16
-// [M, K]). gBs [M, R] bf16, lora_A [R, K] bf16.
-at::Tensor rank_adjoint_bf16(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor& lora_A, const Dropout* d,
+// dA = gBs^T xd [R, K] in fp32, and dx += D^T(gBs A) in place if dx is given (contiguous bf16
+// [M, K]). gBs [M, R] bf16, A [R, K] bf16.
+at::Tensor rank_adjoint_bf16(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor& A, const Dropout* d,
                              at::Tensor* dx);
+
+// u^T g [R, N] in fp32 (g [M, N], u [M, R] bf16): the adjoint kernel without dropout and dx.
+at::Tensor rank_ut_g_bf16(const at::Tensor& g2, const at::Tensor& u);
 
 }  // namespace lora
 }  // namespace peftx

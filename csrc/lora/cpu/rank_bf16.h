@@ -19,8 +19,8 @@ namespace cpu {
 // AVX-512 BF16).
 bool rank_bf16_supported();
 
-// The largest rank the backward kernel takes (its accumulators live in registers).
-constexpr int64_t kAdjointMaxRank = 16;
+// The largest rank expand_bf16 and adjoint_bf16 take (their accumulators live in registers).
+constexpr int64_t kMaxRank = 16;
 
 // u[m, j] = bf16(sum_k xd[m, k] A[j, k]) for the rows m in [m0, m1) of x [M, K], with xd = x when d
 // is null and dropout(x) under d otherwise. A [R, K] bf16, u [M, R]. buf: scratch for 4 K bf16
@@ -28,13 +28,18 @@ constexpr int64_t kAdjointMaxRank = 16;
 void shrink_bf16(const Dropout* d, const uint16_t* x, int64_t m0, int64_t m1, int64_t K, const uint16_t* A,
                  int64_t R, uint16_t* buf, uint16_t* u);
 
+// y[m, n] = bf16(y[m, n] + s * sum_j u[m, j] B[n, j]) for the rows m in [m0, m1) of y [M, N], u [M, R]
+// bf16, R <= kMaxRank; BTp: [(R + 1) / 2, N] dwords, BTp[i][n] = (B[n, 2 i], B[n, 2 i + 1]) (0 past R).
+void expand_bf16(const uint16_t* u, int64_t m0, int64_t m1, int64_t R, const uint32_t* BTp, int64_t N, float s,
+                 uint16_t* y);
+
 // For the columns k in [k0, k1) of x [M, K] (k0 % 16 == 0), with xd and keep as above (keep = 1
 // without d) and scale = d->scale (1 without d):
 //   dA[j, k] = sum_m xd[m, k] gBs[m, j]                               (fp32, dA [R, K])
 //   dx[m, k] = bf16(dx[m, k] + scale * sum_j gBs[m, j] A[j, k])  where keep, if dx is given.
-// R <= kAdjointMaxRank. gBs: [M, R2] bf16 with R2 = R rounded up to even (a zero column if R is
-// odd); gBsT: [(M + 1) / 2, R] dwords, gBsT[i][j] = (gBs[2 i, j], gBs[2 i + 1, j]) (0 past M).
-// A [R, K] bf16. bits: scratch for M * ((k1 - k0 + 63) / 64) words (used under d).
+// R <= kMaxRank. gBs: [M, R2] bf16 with R2 = R rounded up to even (a zero column if R is
+// odd); gBsT: [(M + 1) / 2, R2] dwords, gBsT[i][j] = (gBs[2 i, j], gBs[2 i + 1, j]) (0 past M and R).
+// A [R, K] bf16 (may be null without dx). bits: scratch for M * ((k1 - k0 + 63) / 64) words (used under d).
 void adjoint_bf16(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k0, int64_t k1,
                   const uint16_t* gBs, const uint32_t* gBsT, const uint16_t* A, int64_t R, float* dA, uint16_t* dx,
                   uint64_t* bits);

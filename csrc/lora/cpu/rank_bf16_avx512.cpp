@@ -50,12 +50,15 @@ PEFTX_AVX512BF16 inline __attribute__((always_inline)) void shrink_step(__m512 (
                                                                        const uint16_t* const* xr, const uint16_t* A,
                                                                        int64_t K, int64_t r0, int64_t k, __mmask32 in) {
   __m512bh av[RB];
+  #pragma GCC unroll 16
   for (int j = 0; j < RB; ++j) {
     const uint16_t* a = A + (r0 + j) * K + k;
     av[j] = (__m512bh)(kMasked ? _mm512_maskz_loadu_epi16(in, a) : _mm512_loadu_si512(a));
   }
+  #pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i) {
     const __m512bh xv = (__m512bh)(kMasked ? _mm512_maskz_loadu_epi16(in, xr[i] + k) : _mm512_loadu_si512(xr[i] + k));
+    #pragma GCC unroll 16
     for (int j = 0; j < RB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av[j], xv);
   }
 }
@@ -65,80 +68,139 @@ template <int RB>
 PEFTX_AVX512BF16 void shrink_tile(const uint16_t* const* xr, int nrows, int64_t K, const uint16_t* A, int64_t R,
                                   int64_t r0, uint16_t* u) {
   __m512 acc[kRows][RB];
+  #pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i)
+    #pragma GCC unroll 16
     for (int j = 0; j < RB; ++j) acc[i][j] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) shrink_step<RB, false>(acc, xr, A, K, r0, k, 0);
   if (k < K) shrink_step<RB, true>(acc, xr, A, K, r0, k, lanes32(K - k));
   float sums[kRows][RB];
+  #pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i)
+    #pragma GCC unroll 16
     for (int j = 0; j < RB; ++j) sums[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+  #pragma GCC unroll 16
   for (int i = 0; i < nrows; ++i)
+    #pragma GCC unroll 16
     for (int j = 0; j < RB; ++j) u[i * R + r0 + j] = bf16_from_float(sums[i][j]).bits;
 }
 
+// The rows m and m + 1 (m + 1 only if kTwo) of one strip of adjoint_bf16: acc[j] += (xd[m], xd[m + 1])
+// . (gBs[m, j], gBs[m + 1, j]) and, with dx, dx's LoRA term. Straight-line code: acc stays in
+// registers across the caller's loop (GCC keeps arrays in memory across branchy loop bodies).
+template <int P, bool kDrop, bool kDx, bool kTwo>
+PEFTX_AVX512BF16 inline __attribute__((always_inline)) void adjoint_rows(
+    __m512 (&acc)[2 * P], const __m512bh (&ap)[kDx ? P : 1], const uint16_t* x, int64_t m, int64_t K, int64_t k,
+    __mmask16 in, const uint64_t* bits, int64_t words, int64_t bit0, __m512 scale, const uint16_t* gBs,
+    const uint32_t* gBsT, uint16_t* dx) {
+  constexpr int64_t R2 = 2 * P;
+  // The rows are K apart (a new page each, beyond the hardware prefetchers): fetch the strip's
+  // line of x and dx kPrefetchRows rows ahead (the next strip, 16 columns on, reads it again).
+  // A prefetch past the end of the tensor is harmless (it never faults).
+  #pragma GCC unroll 16
+  for (int r = 0; r < 2; ++r) {
+    __builtin_prefetch(x + (m + kPrefetchRows + r) * K + k);
+    if (kDx) __builtin_prefetch(dx + (m + kPrefetchRows + r) * K + k, 1);
+  }
+  __mmask16 keep[2] = {in, kTwo ? in : __mmask16{0}};
+  if constexpr (kDrop) {
+    #pragma GCC unroll 16
+    for (int r = 0; r < (kTwo ? 2 : 1); ++r)
+      keep[r] &= static_cast<__mmask16>(bits[(m + r) * words + (bit0 >> 6)] >> (bit0 & 63));
+  }
+  // xd of the two rows (bf16, 0 where dropped) interleaved into dword pairs.
+  __m512i xd[2];
+  #pragma GCC unroll 16
+  for (int r = 0; r < 2; ++r) {
+    if constexpr (kDrop) {
+      xd[r] = bf16_low(_mm512_maskz_mul_ps(keep[r], load_bf16(x + (m + r) * K + k, keep[r]), scale));
+    } else {
+      xd[r] = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep[r], x + (m + r) * K + k));
+    }
+  }
+  const __m512bh xp = (__m512bh)_mm512_or_si512(xd[0], _mm512_slli_epi32(xd[1], 16));
+  const uint32_t* gT = gBsT + (m / 2) * R2;
+  #pragma GCC unroll 16
+  for (int j = 0; j < 2 * P; ++j)
+    acc[j] = _mm512_dpbf16_ps(acc[j], xp, (__m512bh)_mm512_set1_epi32(static_cast<int>(gT[j])));
+  if constexpr (kDx) {
+    #pragma GCC unroll 16
+    for (int r = 0; r < (kTwo ? 2 : 1); ++r) {
+      const uint32_t* g = reinterpret_cast<const uint32_t*>(gBs + (m + r) * R2);
+      __m512 t = _mm512_setzero_ps();
+      #pragma GCC unroll 16
+      for (int i = 0; i < P; ++i) t = _mm512_dpbf16_ps(t, ap[i], (__m512bh)_mm512_set1_epi32(static_cast<int>(g[i])));
+      uint16_t* dxr = dx + (m + r) * K + k;
+      const __m512 sum = _mm512_add_ps(load_bf16(dxr, keep[r]), _mm512_mul_ps(t, scale));
+      _mm256_mask_storeu_epi16(dxr, keep[r], _mm512_cvtepi32_epi16(bf16_low(sum)));
+    }
+  }
+}
+
 // One strip of 16 columns at k (lanes `in`) of adjoint_bf16, for R2 / 2 = P rank pairs.
-template <int P, bool kDrop>
+template <int P, bool kDrop, bool kDx>
 PEFTX_AVX512BF16 void adjoint_strip(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k,
                                     __mmask16 in, const uint64_t* bits, int64_t words, int64_t bit0,
                                     const uint16_t* gBs, const uint32_t* gBsT, const uint16_t* A, int64_t R,
                                     float* dA, uint16_t* dx) {
   const __m512 scale = _mm512_set1_ps(kDrop ? d->scale : 1.0f);
   // A's strip as rank pairs: dword lane l of ap[i] = (A[2 i, k + l], A[2 i + 1, k + l]).
-  __m512bh ap[P];
-  for (int i = 0; i < P; ++i) {
+  __m512bh ap[kDx ? P : 1];
+  ap[0] = (__m512bh)_mm512_setzero_si512();
+  #pragma GCC unroll 16
+  for (int i = 0; i < (kDx ? P : 0); ++i) {
     const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, A + (2 * i) * K + k));
     const __m512i hi = 2 * i + 1 < R ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, A + (2 * i + 1) * K + k))
                                      : _mm512_setzero_si512();
     ap[i] = (__m512bh)_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
   }
   __m512 acc[2 * P];
+  #pragma GCC unroll 16
   for (int j = 0; j < 2 * P; ++j) acc[j] = _mm512_setzero_ps();
-  const int64_t R2 = 2 * P;
-  for (int64_t m = 0; m < M; m += 2) {
-    const bool two = m + 1 < M;
-    // The rows are K apart (a new page each, beyond the hardware prefetchers): fetch the strip's
-    // line of x and dx kPrefetchRows rows ahead (the next strip, 16 columns on, reads it again).
-    if (m + kPrefetchRows + 1 < M) {
-      for (int r = 0; r < 2; ++r) {
-        __builtin_prefetch(x + (m + kPrefetchRows + r) * K + k);
-        if (dx != nullptr) __builtin_prefetch(dx + (m + kPrefetchRows + r) * K + k, 1);
-      }
-    }
-    __mmask16 keep0 = in, keep1 = two ? in : __mmask16{0};
-    if constexpr (kDrop) {
-      keep0 &= static_cast<__mmask16>(bits[m * words + (bit0 >> 6)] >> (bit0 & 63));
-      if (two) keep1 &= static_cast<__mmask16>(bits[(m + 1) * words + (bit0 >> 6)] >> (bit0 & 63));
-    }
-    // xd of the two rows (bf16, 0 where dropped) interleaved into dword pairs.
-    __m512i xd0, xd1;
-    if constexpr (kDrop) {
-      xd0 = bf16_low(_mm512_maskz_mul_ps(keep0, load_bf16(x + m * K + k, in), scale));
-      xd1 = bf16_low(_mm512_maskz_mul_ps(keep1, load_bf16(x + (m + 1) * K + k, keep1), scale));
-    } else {
-      xd0 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, x + m * K + k));
-      xd1 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep1, x + (m + 1) * K + k));
-    }
-    const __m512bh xp = (__m512bh)_mm512_or_si512(xd0, _mm512_slli_epi32(xd1, 16));
-    const int64_t i2 = m / 2;
-    for (int j = 0; j < 2 * P; ++j) {
-      if (j >= R) break;
-      acc[j] = _mm512_dpbf16_ps(acc[j], xp, (__m512bh)_mm512_set1_epi32(static_cast<int>(gBsT[i2 * R + j])));
-    }
-    if (dx == nullptr) continue;
-    for (int r = 0; r < 2; ++r) {
-      if (r == 1 && !two) break;
-      const int64_t row = m + r;
-      const __mmask16 keep = r == 0 ? keep0 : keep1;
-      const uint32_t* g = reinterpret_cast<const uint32_t*>(gBs + row * R2);
-      __m512 t = _mm512_setzero_ps();
-      for (int i = 0; i < P; ++i) t = _mm512_dpbf16_ps(t, ap[i], (__m512bh)_mm512_set1_epi32(static_cast<int>(g[i])));
-      uint16_t* dxr = dx + row * K + k;
-      const __m512 sum = _mm512_add_ps(load_bf16(dxr, keep), _mm512_mul_ps(t, scale));
-      _mm256_mask_storeu_epi16(dxr, keep, _mm512_cvtepi32_epi16(bf16_low(sum)));
+  int64_t m = 0;
+  for (; m + 1 < M; m += 2)
+    adjoint_rows<P, kDrop, kDx, true>(acc, ap, x, m, K, k, in, bits, words, bit0, scale, gBs, gBsT, dx);
+  if (m < M) adjoint_rows<P, kDrop, kDx, false>(acc, ap, x, m, K, k, in, bits, words, bit0, scale, gBs, gBsT, dx);
+  // Compile-time indices only (a runtime bound on j would put acc in memory for the whole loop).
+  #pragma GCC unroll 16
+  for (int j = 0; j < 2 * P; ++j)
+    if (j < R) _mm512_mask_storeu_ps(dA + j * K + k, in, acc[j]);
+}
+
+// y[m, n .. n + 16 NV) for the rows m .. m + nrows (nrows <= 4) of expand_bf16; the last vector
+// takes the lanes `tail`.
+template <int NV>
+PEFTX_AVX512BF16 void expand_tile(const uint32_t (*up)[8], int nrows, int64_t P, const uint32_t* BTp, int64_t N,
+                                  int64_t n, __mmask16 tail, __m512 sv, uint16_t* y) {
+  __m512 acc[kRows][NV];
+  #pragma GCC unroll 16
+  for (int i = 0; i < kRows; ++i)
+    #pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < P; ++j) {
+    __m512bh b[NV];
+    #pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v)
+      b[v] = (__m512bh)_mm512_maskz_loadu_epi32(v == NV - 1 ? tail : __mmask16{0xFFFF}, BTp + j * N + n + 16 * v);
+    #pragma GCC unroll 16
+    for (int i = 0; i < kRows; ++i) {
+      const __m512bh uv = (__m512bh)_mm512_set1_epi32(static_cast<int>(up[i][j]));
+      #pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], b[v], uv);
     }
   }
-  for (int j = 0; j < R; ++j) _mm512_mask_storeu_ps(dA + j * K + k, in, acc[j]);
+  #pragma GCC unroll 16
+  for (int i = 0; i < kRows; ++i) {  // compile-time i (see adjoint_strip's store)
+    if (i >= nrows) break;
+    uint16_t* yr = y + i * N + n;
+    #pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 m = v == NV - 1 ? tail : __mmask16{0xFFFF};
+      const __m512 sum = _mm512_add_ps(load_bf16(yr + 16 * v, m), _mm512_mul_ps(sv, acc[i][v]));
+      _mm256_mask_storeu_epi16(yr + 16 * v, m, _mm512_cvtepi32_epi16(bf16_low(sum)));
+    }
+  }
 }
 
 template <int P>
@@ -147,10 +209,14 @@ PEFTX_AVX512BF16 void adjoint_cols(const Dropout* d, const uint16_t* x, int64_t 
                                    const uint16_t* A, int64_t R, float* dA, uint16_t* dx) {
   for (int64_t k = k0; k < k1; k += 16) {
     const __mmask16 in = lanes16(k1 - k);
-    if (d != nullptr) {
-      adjoint_strip<P, true>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dx);
+    if (d != nullptr && dx != nullptr) {
+      adjoint_strip<P, true, true>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dx);
+    } else if (d != nullptr) {
+      adjoint_strip<P, true, false>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dx);
+    } else if (dx != nullptr) {
+      adjoint_strip<P, false, true>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dx);
     } else {
-      adjoint_strip<P, false>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dx);
+      adjoint_strip<P, false, false>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dx);
     }
   }
 }
@@ -169,6 +235,7 @@ PEFTX_AVX512BF16 void shrink_bf16(const Dropout* d, const uint16_t* x, int64_t m
       rows = buf;
     }
     const uint16_t* xr[kRows];
+    #pragma GCC unroll 16
     for (int i = 0; i < kRows; ++i) xr[i] = rows + (i < nrows ? i : 0) * K;  // missing rows repeat row 0
     uint16_t* ur = u + m * R;
     for (int64_t r0 = 0; r0 < R; r0 += 4) {
@@ -179,6 +246,27 @@ PEFTX_AVX512BF16 void shrink_bf16(const Dropout* d, const uint16_t* x, int64_t m
         default: shrink_tile<4>(xr, nrows, K, A, R, r0, ur); break;
       }
     }
+  }
+}
+
+PEFTX_AVX512BF16 void expand_bf16(const uint16_t* u, int64_t m0, int64_t m1, int64_t R, const uint32_t* BTp,
+                                  int64_t N, float s, uint16_t* y) {
+  const int64_t P = (R + 1) / 2;
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int64_t m = m0; m < m1; m += kRows) {
+    const int nrows = static_cast<int>(std::min<int64_t>(kRows, m1 - m));
+    // (u[m + i, 2 j], u[m + i, 2 j + 1]) as dwords (0 past R; missing rows repeat row 0).
+    uint32_t up[kRows][8];
+    #pragma GCC unroll 16
+    for (int i = 0; i < kRows; ++i) {
+      const uint16_t* ur = u + (m + (i < nrows ? i : 0)) * R;
+      for (int64_t j = 0; j < P; ++j)
+        up[i][j] = ur[2 * j] | (2 * j + 1 < R ? static_cast<uint32_t>(ur[2 * j + 1]) << 16 : 0u);
+    }
+    uint16_t* yr = y + m * N;
+    int64_t n = 0;
+    for (; n + 64 <= N; n += 64) expand_tile<4>(up, nrows, P, BTp, N, n, 0xFFFF, sv, yr);
+    for (; n < N; n += 16) expand_tile<1>(up, nrows, P, BTp, N, n, lanes16(N - n), sv, yr);
   }
 }
 
