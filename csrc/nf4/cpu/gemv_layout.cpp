@@ -12,21 +12,34 @@ namespace cpu {
 namespace {
 
 template <typename T, typename Out>
+Out convert(const T& v) {
+  if constexpr (sizeof(Out) == 4) {
+    return to_float(v);
+  } else if constexpr (std::is_same_v<T, bf16_t>) {
+    return v;  // bf16 to bf16: the bits as they are
+  } else {
+    return bf16_from_float(to_float(v));  // exact: x is bf16-representable here
+  }
+}
+
+// Chunk by chunk, features 2i and 2i + 1 of a chunk go to positions i of its even and odd halves;
+// the padding past cols (to a whole chunk, plus one spare chunk) is 0. Loops without divisions, so
+// the compiler vectorizes the even / odd copies.
+template <typename T, typename Out>
 void pack(const T* x, int64_t tokens, int64_t cols, int64_t ldx, int64_t chunk, Out* out) {
-  const int64_t stride = gemv_x_stride(cols, chunk), half = chunk / 2;
+  const int64_t stride = gemv_x_stride(cols, chunk), half = chunk / 2, full = cols / chunk * chunk;
   for (int64_t m = 0; m < tokens; ++m) {
     const T* xr = x + m * ldx;
     Out* o = out + m * stride;
-    for (int64_t k = 0; k < stride; ++k) {
-      // Feature k sits at chunk (k / chunk), position (k % chunk) / 2 of its even or odd half.
-      const int64_t c = k / chunk * chunk, r = k - c;
-      const float v = k < cols ? to_float(xr[k]) : 0.0f;
-      Out* slot = o + c + (r & 1) * half + r / 2;
-      if constexpr (sizeof(Out) == 4) {
-        *slot = v;
-      } else {
-        *slot = bf16_from_float(v);  // exact: x is bf16 (or 0) here
+    for (int64_t c = 0; c < full; c += chunk) {
+      for (int64_t i = 0; i < half; ++i) {
+        o[c + i] = convert<T, Out>(xr[c + 2 * i]);
+        o[c + half + i] = convert<T, Out>(xr[c + 2 * i + 1]);
       }
+    }
+    for (int64_t k = full; k < stride; ++k) {
+      const int64_t c = k / chunk * chunk, r = k - c;
+      o[c + (r & 1) * half + r / 2] = k < cols ? convert<T, Out>(xr[k]) : Out{};
     }
   }
 }
