@@ -16,6 +16,11 @@ TORCH_LIBRARY(peftx, m) {
   m.def(
       "nf4_double_dequantize(Tensor qabsmax, Tensor nested_absmax, Tensor code, Tensor offset, int "
       "blocksize) -> Tensor");
+  // The same into `out` (fp32, contiguous, qabsmax's numel and device): a caller that decodes the
+  // same absmax every step reuses one buffer instead of fresh pages each time.
+  m.def(
+      "nf4_double_dequantize_into(Tensor qabsmax, Tensor nested_absmax, Tensor code, Tensor offset, int "
+      "blocksize, Tensor(a!) out) -> ()");
   // y = x @ W.T + bias for x [..., in_features], W [out_features, in_features] stored as above.
   m.def(
       "nf4_matmul(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int "

@@ -76,6 +76,15 @@ inline void check_double_dequantize(const at::Tensor& qabsmax, const at::Tensor&
   PEFTX_CHECK_SAME_DEVICE(op, "offset", offset, qabsmax);
 }
 
+inline void check_double_dequantize_out(const at::Tensor& qabsmax, const at::Tensor& out) {
+  constexpr const char* op = "nf4_double_dequantize_into";
+  PEFTX_CHECK_DTYPE(op, "out", out, at::kFloat);
+  TORCH_CHECK(out.numel() == qabsmax.numel() && out.is_contiguous(), op, ": out must be a contiguous tensor of ",
+              qabsmax.numel(), " elements (one per qabsmax code), got shape ", out.sizes(),
+              out.is_contiguous() ? "" : " (not contiguous)");
+  PEFTX_CHECK_SAME_DEVICE(op, "out", out, qabsmax);
+}
+
 inline std::vector<int64_t> leading_shape(const at::Tensor& x, int64_t last) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = last;

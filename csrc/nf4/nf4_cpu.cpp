@@ -114,13 +114,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cpu(const at:
   return {q, nested, offset};
 }
 
-at::Tensor nf4_double_dequantize_cpu(const at::Tensor& qabsmax, const at::Tensor& nested_absmax,
-                                     const at::Tensor& code, const at::Tensor& offset,
-                                     int64_t blocksize) {
+void nf4_double_dequantize_into_cpu(const at::Tensor& qabsmax, const at::Tensor& nested_absmax,
+                                    const at::Tensor& code, const at::Tensor& offset, int64_t blocksize,
+                                    const at::Tensor& out) {
   check_double_dequantize(qabsmax, nested_absmax, code, offset, blocksize);
+  check_double_dequantize_out(qabsmax, out);
   const int64_t n = qabsmax.numel();
   const at::Tensor q = qabsmax.contiguous(), na = nested_absmax.contiguous(), cd = code.contiguous();
-  at::Tensor out = at::empty({n}, nested_absmax.options());
   const float off = offset.item<float>();
   const uint8_t* qp = q.const_data_ptr<uint8_t>();
   const float* np = na.const_data_ptr<float>();
@@ -130,6 +130,14 @@ at::Tensor nf4_double_dequantize_cpu(const at::Tensor& qabsmax, const at::Tensor
   at::parallel_for(0, n, grain(1), [&](int64_t i0, int64_t i1) {
     kt.double_dequantize(qp, np, c, blocksize, off, i0, i1, o);
   });
+}
+
+at::Tensor nf4_double_dequantize_cpu(const at::Tensor& qabsmax, const at::Tensor& nested_absmax,
+                                     const at::Tensor& code, const at::Tensor& offset,
+                                     int64_t blocksize) {
+  check_double_dequantize(qabsmax, nested_absmax, code, offset, blocksize);
+  at::Tensor out = at::empty({qabsmax.numel()}, nested_absmax.options());
+  nf4_double_dequantize_into_cpu(qabsmax, nested_absmax, code, offset, blocksize, out);
   return out;
 }
 
@@ -318,6 +326,7 @@ TORCH_LIBRARY_IMPL(peftx, CPU, m) {
   m.impl("nf4_dequantize", &nf4_dequantize_cpu);
   m.impl("nf4_double_quantize", &nf4_double_quantize_cpu);
   m.impl("nf4_double_dequantize", &nf4_double_dequantize_cpu);
+  m.impl("nf4_double_dequantize_into", &nf4_double_dequantize_into_cpu);
   m.impl("nf4_matmul", &nf4_matmul_cpu);
   m.impl("nf4_matmul_t", &nf4_matmul_t_cpu);
 }

@@ -74,18 +74,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_cuda(const at
   return {q, nested, offset};
 }
 
-at::Tensor nf4_double_dequantize_cuda(const at::Tensor& qabsmax, const at::Tensor& nested_absmax,
-                                      const at::Tensor& code, const at::Tensor& offset,
-                                      int64_t blocksize) {
+void nf4_double_dequantize_into_cuda(const at::Tensor& qabsmax, const at::Tensor& nested_absmax,
+                                     const at::Tensor& code, const at::Tensor& offset, int64_t blocksize,
+                                     const at::Tensor& out) {
   check_double_dequantize(qabsmax, nested_absmax, code, offset, blocksize);
+  check_double_dequantize_out(qabsmax, out);
   const int64_t n = qabsmax.numel();
   const c10::cuda::CUDAGuard guard(qabsmax.device());
   const at::Tensor q = qabsmax.contiguous(), na = nested_absmax.contiguous(), cd = code.contiguous();
   const at::Tensor off = offset.reshape({1}).contiguous();
-  at::Tensor out = at::empty({n}, nested_absmax.options());
   C10_CUDA_CHECK(launch_nf4_double_dequantize(q.const_data_ptr<uint8_t>(), na.const_data_ptr<float>(),
                                               cd.const_data_ptr<float>(), off.const_data_ptr<float>(),
                                               blocksize, n, out.data_ptr<float>(), current_stream()));
+}
+
+at::Tensor nf4_double_dequantize_cuda(const at::Tensor& qabsmax, const at::Tensor& nested_absmax,
+                                      const at::Tensor& code, const at::Tensor& offset,
+                                      int64_t blocksize) {
+  check_double_dequantize(qabsmax, nested_absmax, code, offset, blocksize);
+  at::Tensor out = at::empty({qabsmax.numel()}, nested_absmax.options());
+  nf4_double_dequantize_into_cuda(qabsmax, nested_absmax, code, offset, blocksize, out);
   return out;
 }
 
@@ -155,6 +163,7 @@ TORCH_LIBRARY_IMPL(peftx, CUDA, m) {
   m.impl("nf4_dequantize", &nf4_dequantize_cuda);
   m.impl("nf4_double_quantize", &nf4_double_quantize_cuda);
   m.impl("nf4_double_dequantize", &nf4_double_dequantize_cuda);
+  m.impl("nf4_double_dequantize_into", &nf4_double_dequantize_into_cuda);
   m.impl("nf4_matmul", &nf4_matmul_cuda);
   m.impl("nf4_matmul_t", &nf4_matmul_t_cuda);
 }

@@ -36,6 +36,14 @@ def nf4_double_dequantize(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, co
     return ops.nf4_double_dequantize(qabsmax, nested_absmax, code, offset, blocksize)
 
 
+def nf4_double_dequantize_into(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, code: torch.Tensor,
+                               offset: torch.Tensor, blocksize: int, out: torch.Tensor) -> torch.Tensor:
+    """``nf4_double_dequantize`` written into ``out`` (fp32, contiguous, ``qabsmax.numel()`` elements);
+    returns ``out``."""
+    ops.nf4_double_dequantize_into(qabsmax, nested_absmax, code, offset, blocksize, out)
+    return out
+
+
 def nf4_matmul_raw(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                    blocksize: int, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` for W stored as (packed, fp32 absmax, code); differentiable in x and bias."""
@@ -78,6 +86,11 @@ def _(absmax, code, blocksize):
 @torch.library.register_fake("peftx::nf4_double_dequantize")
 def _(qabsmax, nested_absmax, code, offset, blocksize):
     return nested_absmax.new_empty((qabsmax.numel(),))
+
+
+@torch.library.register_fake("peftx::nf4_double_dequantize_into")
+def _(qabsmax, nested_absmax, code, offset, blocksize, out):
+    return None
 
 
 @torch.library.register_fake("peftx::nf4_matmul")

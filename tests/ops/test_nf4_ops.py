@@ -44,6 +44,19 @@ def test_double_quantize_match_reference(device, n):
     dec = ops.nf4_double_dequantize(q, nested, DYNAMIC_CODE.to(device), offset, 256)
     assert torch.equal(dec, nf4_double_dequantize_ref(q, nested, DYNAMIC_CODE.to(device), offset, 256))
     assert (dec - absmax).abs().max() <= 0.02 * absmax.abs().max() + 1e-6
+    out = torch.full((n,), float("nan"), device=device)
+    assert ops.nf4_double_dequantize_into(q, nested, DYNAMIC_CODE.to(device), offset, 256, out) is out
+    assert torch.equal(out, dec)
+
+
+def test_double_dequantize_into_checks_out(device):
+    q, nested, offset = ops.nf4_double_quantize(torch.rand(300, device=device), DYNAMIC_CODE.to(device), 256)
+    code = DYNAMIC_CODE.to(device)
+    for bad, match in [(torch.empty(299, device=device), "out must be a contiguous tensor of 300"),
+                       (torch.empty(600, device=device)[::2], "not contiguous"),
+                       (torch.empty(300, device=device, dtype=torch.float64), "out must be Float, got Double")]:
+        with pytest.raises(RuntimeError, match=match):
+            ops.nf4_double_dequantize_into(q, nested, code, offset, 256, bad)
 
 
 # Unit roundoff per dtype: products with K terms whose operands are rounded to the dtype (the GEMM
@@ -110,6 +123,8 @@ def test_opcheck(device):
         (torch.ops.peftx.nf4_dequantize.default, (packed, absmax, code, 64, [24, 40], torch.bfloat16)),
         (torch.ops.peftx.nf4_double_quantize.default, (absmax, DYNAMIC_CODE.to(device), 256)),
         (torch.ops.peftx.nf4_double_dequantize.default, (w.absmax, w.nested_absmax, w.nested_code, w.offset, 256)),
+        (torch.ops.peftx.nf4_double_dequantize_into.default,
+         (w.absmax, w.nested_absmax, w.nested_code, w.offset, 256, torch.empty(w.absmax.numel(), device=device))),
         (torch.ops.peftx.nf4_matmul.default, (x, packed, absmax, code, 64, 24, b)),
         (torch.ops.peftx.nf4_matmul.default, (x, packed, absmax, code, 64, 24, None)),
         (torch.ops.peftx.nf4_matmul_t.default, (torch.randn(3, 24, device=device, requires_grad=True), packed,

@@ -241,6 +241,38 @@ def test_qlora_double_quant_saves_x_and_u_and_matches_the_op(p):
         assert torch.equal(a, b)
 
 
+def test_qlora_layers_of_one_size_share_the_absmax_buffer_safely():
+    # On the CPU the decoded absmax goes into one per-thread buffer per size (ops/lora.py's
+    # _decoded_absmax): layers of one shape, forwards and backwards interleaved, and threads running
+    # at once still get each layer's own result.
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(5)
+    layers = [peftx.LoraLinear4bit.from_linear(nn.Linear(128, 64), r=4, compute_dtype=torch.float32)
+              for _ in range(2)]
+    for m in layers:
+        randomize(m)
+        m.eval()  # no dropout: runs must agree exactly
+    x = torch.randn(5, 128)
+
+    def step(m):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.backward(torch.ones_like(y))
+        return y.detach(), xi.grad
+
+    alone = [step(m) for m in layers]
+    xs = [x.clone().requires_grad_() for _ in layers]
+    ys = [m(xi) for m, xi in zip(layers, xs)]  # both forwards, then both backwards
+    sum(y.sum() for y in ys).backward()
+    for (y_ref, dx_ref), y, xi in zip(alone, ys, xs):
+        assert torch.equal(y, y_ref) and torch.equal(xi.grad, dx_ref)
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            for (y_ref, dx_ref), (y, dx) in zip(alone, pool.map(step, layers)):
+                assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+
+
 def test_qlora_bf16_compute_and_output_dtype():
     torch.manual_seed(7)
     m = peftx.LoraLinear4bit.from_linear(nn.Linear(64, 32, bias=False), r=4)
