@@ -86,8 +86,8 @@ BwdParts lora_bwd_common(const char* op, const at::Tensor& grad, const at::Tenso
   p.g2 = check_bwd_args(op, grad, x, u, p.M, p.R, p.N);
   if (p.M > 0 && p.x2.is_cpu() && rank_bf16_applies(p.g2) && rank_bf16_takes(p.R)) {
     // The same products on the bf16 rank-r kernels (rounded at the same points).
-    p.gBs = rank_shrink_bf16(p.g2, p.lora_B.t(), nullptr).mul_(scaling);
-    p.dB = rank_ut_g_bf16(p.g2, u.mul(scaling)).t().contiguous();
+    p.gBs = rank_gbs_bf16(p.g2, p.lora_B, scaling);
+    p.dB = rank_gt_u_bf16(p.g2, u.mul(scaling));
   } else {
     p.gBs = at::mm(p.g2, p.lora_B).mul_(scaling);  // shared by all three gradients
     p.dB = at::mm(p.g2.t(), u.mul(scaling));

@@ -49,11 +49,8 @@ void rank_expand_bf16(at::Tensor& y2, const at::Tensor& u, const at::Tensor& B, 
   const int64_t M = y2.size(0), N = y2.size(1), R = u.size(1), P = (R + 1) / 2;
   const at::Tensor Bc = B.contiguous();
   const uint16_t* bp = bf16_ptr(Bc);
-  // B^T as rank pairs: BTp[i][n] = (B[n, 2 i], B[n, 2 i + 1]).
-  std::vector<uint32_t> BTp(P * N);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t i = 0; i < P; ++i)
-      BTp[i * N + n] = bp[n * R + 2 * i] | (2 * i + 1 < R ? static_cast<uint32_t>(bp[n * R + 2 * i + 1]) << 16 : 0u);
+  std::vector<uint32_t> BTp(P * N);  // B^T as rank pairs
+  cpu::pack_rank_pairs_t_bf16(bp, N, R, BTp.data());
   uint16_t* yp = static_cast<uint16_t*>(y2.data_ptr());
   at::parallel_for(0, (M + 3) / 4, 1, [&](int64_t g0, int64_t g1) {
     cpu::expand_bf16(bf16_ptr(u), g0 * 4, std::min(M, g1 * 4), R, BTp.data(), N, static_cast<float>(s), yp);
@@ -62,9 +59,9 @@ void rank_expand_bf16(at::Tensor& y2, const at::Tensor& u, const at::Tensor& B, 
 
 namespace {
 
-// dA [R, K] fp32 = gBs^T xd, and dx += D^T(gBs A) where A and dx are given.
+// dA [R, K] fp32 = gBs^T xd ([K, R] if transposed), and dx += D^T(gBs A) where A and dx are given.
 at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor* A, const Dropout* d,
-                   at::Tensor* dx) {
+                   at::Tensor* dx, bool transposed = false) {
   const int64_t M = x2.size(0), K = x2.size(1), R = gBs.size(1), R2 = R + (R & 1), Mh = (M + 1) / 2;
   at::Tensor Ac;
   if (A != nullptr) Ac = A->contiguous();
@@ -74,7 +71,8 @@ at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor
   std::vector<uint32_t> gT(Mh * R2, 0u);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; j < R; ++j) gT[(m / 2) * R2 + j] |= static_cast<uint32_t>(gp[m * R2 + j]) << (16 * (m & 1));
-  at::Tensor dA = at::empty({R, K}, x2.options().dtype(at::kFloat));
+  at::Tensor dA = transposed ? at::empty({K, R}, x2.options().dtype(at::kFloat))
+                             : at::empty({R, K}, x2.options().dtype(at::kFloat));
   float* dAp = dA.data_ptr<float>();
   uint16_t* dxp = dx != nullptr ? static_cast<uint16_t*>(dx->data_ptr()) : nullptr;
   const uint16_t* ap = A != nullptr ? bf16_ptr(Ac) : nullptr;
@@ -83,7 +81,7 @@ at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor
     std::vector<uint64_t> bits(d != nullptr ? M * ((cols + 63) / 64) : 0);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t k0 = c * cols, k1 = std::min(K, k0 + cols);
-      cpu::adjoint_bf16(d, bf16_ptr(x2), M, K, k0, k1, gp, gT.data(), ap, R, dAp, dxp, bits.data());
+      cpu::adjoint_bf16(d, bf16_ptr(x2), M, K, k0, k1, gp, gT.data(), ap, R, dAp, transposed, dxp, bits.data());
     }
   });
   return dA;
@@ -96,7 +94,23 @@ at::Tensor rank_adjoint_bf16(const at::Tensor& x2, const at::Tensor& gBs, const 
   return adjoint(x2, gBs, &A, d, dx);
 }
 
-at::Tensor rank_ut_g_bf16(const at::Tensor& g2, const at::Tensor& u) { return adjoint(g2, u, nullptr, nullptr, nullptr); }
+at::Tensor rank_gt_u_bf16(const at::Tensor& g2, const at::Tensor& u) {
+  return adjoint(g2, u, nullptr, nullptr, nullptr, /*transposed=*/true);
+}
+
+at::Tensor rank_gbs_bf16(const at::Tensor& g2, const at::Tensor& B_in, double s) {
+  const int64_t M = g2.size(0), N = g2.size(1), R = B_in.size(1), Q = (N + 1) / 2;
+  const at::Tensor B = B_in.contiguous();
+  const uint16_t* bp = bf16_ptr(B);
+  std::vector<uint32_t> Bp(Q * 16);  // rows of B in pairs, ranks as lanes
+  cpu::pack_row_pairs_bf16(bp, N, R, Bp.data());
+  at::Tensor gBs = at::empty({M, R}, g2.options());
+  uint16_t* op = static_cast<uint16_t*>(gBs.data_ptr());
+  at::parallel_for(0, (M + 3) / 4, 1, [&](int64_t g0, int64_t g1) {
+    cpu::gbs_bf16(bf16_ptr(g2), g0 * 4, std::min(M, g1 * 4), N, Bp.data(), R, static_cast<float>(s), op);
+  });
+  return gBs;
+}
 
 }  // namespace lora
 }  // namespace peftx

@@ -26,8 +26,12 @@ void rank_expand_bf16(at::Tensor& y2, const at::Tensor& u, const at::Tensor& B, 
 at::Tensor rank_adjoint_bf16(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor& A, const Dropout* d,
                              at::Tensor* dx);
 
-// u^T g [R, N] in fp32 (g [M, N], u [M, R] bf16): the adjoint kernel without dropout and dx.
-at::Tensor rank_ut_g_bf16(const at::Tensor& g2, const at::Tensor& u);
+// g^T u [N, R] in fp32 (g [M, N], u [M, R] bf16): the adjoint kernel without dropout and dx, its
+// output stored transposed.
+at::Tensor rank_gt_u_bf16(const at::Tensor& g2, const at::Tensor& u);
+
+// gBs = bf16(bf16(g B) s) [M, R] (g [M, N], B [N, R] bf16): the rounding of at::mm then mul_.
+at::Tensor rank_gbs_bf16(const at::Tensor& g2, const at::Tensor& B, double s);
 
 }  // namespace lora
 }  // namespace peftx

@@ -33,16 +33,28 @@ void shrink_bf16(const Dropout* d, const uint16_t* x, int64_t m0, int64_t m1, in
 void expand_bf16(const uint16_t* u, int64_t m0, int64_t m1, int64_t R, const uint32_t* BTp, int64_t N, float s,
                  uint16_t* y);
 
+// The two layouts of B [N, R] bf16 (R <= kMaxRank) the kernels read:
+// Bp [(N + 1) / 2, 16] dwords, Bp[q][j] = (B[2 q, j], B[2 q + 1, j]) (0 past N and R), for gbs_bf16;
+// BTp [(R + 1) / 2, N] dwords, BTp[i][n] = (B[n, 2 i], B[n, 2 i + 1]) (0 past R), for expand_bf16.
+void pack_row_pairs_bf16(const uint16_t* B, int64_t N, int64_t R, uint32_t* Bp);
+void pack_rank_pairs_t_bf16(const uint16_t* B, int64_t N, int64_t R, uint32_t* BTp);
+
+// gBs[m, j] = bf16(bf16(sum_n g[m, n] B[n, j]) * s) for the rows m in [m0, m1) of g [M, N] bf16,
+// R <= kMaxRank (gBs [M, R]); Bp: [(N + 1) / 2, 16] dwords, Bp[q][j] = (B[2 q, j], B[2 q + 1, j]) (0 past
+// N and R). Lanes over the ranks: no reductions, and B needs no transpose.
+void gbs_bf16(const uint16_t* g, int64_t m0, int64_t m1, int64_t N, const uint32_t* Bp, int64_t R, float s,
+              uint16_t* gBs);
+
 // For the columns k in [k0, k1) of x [M, K] (k0 % 16 == 0), with xd and keep as above (keep = 1
 // without d) and scale = d->scale (1 without d):
-//   dA[j, k] = sum_m xd[m, k] gBs[m, j]                               (fp32, dA [R, K])
+//   dA[j, k] = sum_m xd[m, k] gBs[m, j]          (fp32, dA [R, K]; dA^T [K, R] if dA_t)
 //   dx[m, k] = bf16(dx[m, k] + scale * sum_j gBs[m, j] A[j, k])  where keep, if dx is given.
 // R <= kMaxRank. gBs: [M, R2] bf16 with R2 = R rounded up to even (a zero column if R is
 // odd); gBsT: [(M + 1) / 2, R2] dwords, gBsT[i][j] = (gBs[2 i, j], gBs[2 i + 1, j]) (0 past M and R).
 // A [R, K] bf16 (may be null without dx). bits: scratch for M * ((k1 - k0 + 63) / 64) words (used under d).
 void adjoint_bf16(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k0, int64_t k1,
-                  const uint16_t* gBs, const uint32_t* gBsT, const uint16_t* A, int64_t R, float* dA, uint16_t* dx,
-                  uint64_t* bits);
+                  const uint16_t* gBs, const uint32_t* gBsT, const uint16_t* A, int64_t R, float* dA, bool dA_t,
+                  uint16_t* dx, uint64_t* bits);
 
 }  // namespace cpu
 }  // namespace lora

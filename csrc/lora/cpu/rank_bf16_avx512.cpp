@@ -143,7 +143,7 @@ template <int P, bool kDrop, bool kDx>
 PEFTX_AVX512BF16 void adjoint_strip(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k,
                                     __mmask16 in, const uint64_t* bits, int64_t words, int64_t bit0,
                                     const uint16_t* gBs, const uint32_t* gBsT, const uint16_t* A, int64_t R,
-                                    float* dA, uint16_t* dx) {
+                                    float* dA, bool dA_t, uint16_t* dx) {
   const __m512 scale = _mm512_set1_ps(kDrop ? d->scale : 1.0f);
   // A's strip as rank pairs: dword lane l of ap[i] = (A[2 i, k + l], A[2 i + 1, k + l]).
   __m512bh ap[kDx ? P : 1];
@@ -163,7 +163,15 @@ PEFTX_AVX512BF16 void adjoint_strip(const Dropout* d, const uint16_t* x, int64_t
     adjoint_rows<P, kDrop, kDx, true>(acc, ap, x, m, K, k, in, bits, words, bit0, scale, gBs, gBsT, dx);
   if (m < M) adjoint_rows<P, kDrop, kDx, false>(acc, ap, x, m, K, k, in, bits, words, bit0, scale, gBs, gBsT, dx);
   // Compile-time indices only (a runtime bound on j would put acc in memory for the whole loop).
-  #pragma GCC unroll 16
+  if (dA_t) {  // dA^T [K, R]: lane l of acc[j] to dA[(k + l) R + j]
+    const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int>(R)));
+#pragma GCC unroll 16
+    for (int j = 0; j < 2 * P; ++j)
+      if (j < R) _mm512_mask_i32scatter_ps(dA + k * R + j, in, at, acc[j], 4);
+    return;
+  }
+#pragma GCC unroll 16
   for (int j = 0; j < 2 * P; ++j)
     if (j < R) _mm512_mask_storeu_ps(dA + j * K + k, in, acc[j]);
 }
@@ -206,17 +214,17 @@ PEFTX_AVX512BF16 void expand_tile(const uint32_t (*up)[8], int nrows, int64_t P,
 template <int P>
 PEFTX_AVX512BF16 void adjoint_cols(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k0, int64_t k1,
                                    const uint64_t* bits, int64_t words, const uint16_t* gBs, const uint32_t* gBsT,
-                                   const uint16_t* A, int64_t R, float* dA, uint16_t* dx) {
+                                   const uint16_t* A, int64_t R, float* dA, bool dA_t, uint16_t* dx) {
   for (int64_t k = k0; k < k1; k += 16) {
     const __mmask16 in = lanes16(k1 - k);
     if (d != nullptr && dx != nullptr) {
-      adjoint_strip<P, true, true>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dx);
+      adjoint_strip<P, true, true>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dA_t, dx);
     } else if (d != nullptr) {
-      adjoint_strip<P, true, false>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dx);
+      adjoint_strip<P, true, false>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dA_t, dx);
     } else if (dx != nullptr) {
-      adjoint_strip<P, false, true>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dx);
+      adjoint_strip<P, false, true>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dA_t, dx);
     } else {
-      adjoint_strip<P, false, false>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dx);
+      adjoint_strip<P, false, false>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dA_t, dx);
     }
   }
 }
@@ -249,6 +257,85 @@ PEFTX_AVX512BF16 void shrink_bf16(const Dropout* d, const uint16_t* x, int64_t m
   }
 }
 
+PEFTX_AVX512BF16 void pack_row_pairs_bf16(const uint16_t* B, int64_t N, int64_t R, uint32_t* Bp) {
+  const __mmask16 lanes = lanes16(R);
+  for (int64_t q = 0; 2 * q < N; ++q) {
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, B + 2 * q * R));
+    const __m512i hi = 2 * q + 1 < N ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, B + (2 * q + 1) * R))
+                                     : _mm512_setzero_si512();
+    _mm512_storeu_si512(Bp + 16 * q, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  }
+}
+
+PEFTX_AVX512BF16 void pack_rank_pairs_t_bf16(const uint16_t* B, int64_t N, int64_t R, uint32_t* BTp) {
+  const int64_t P = (R + 1) / 2;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const int* base = reinterpret_cast<const int*>(B);  // B's row n starts at dword n R / 2 (R even)
+  for (int64_t n = 0; n < N; n += 16) {
+    const __mmask16 in = lanes16(N - n);
+    for (int64_t i = 0; i < P; ++i) {
+      __m512i v;
+      if (R % 2 == 0) {
+        // dword (n + l) R / 2 + i of B: the pair (B[n + l, 2 i], B[n + l, 2 i + 1]).
+        const __m512i idx = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(n))),
+                                                                _mm512_set1_epi32(static_cast<int>(R / 2))),
+                                             _mm512_set1_epi32(static_cast<int>(i)));
+        v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), in, idx, base, 4);
+      } else {
+        // Odd R: rows are not dword aligned; gather the two words (the last rank's partner is 0).
+        const uint16_t* w = B;
+        alignas(64) uint32_t tmp[16];
+        for (int l = 0; l < 16; ++l) {
+          const int64_t r = n + l;
+          tmp[l] = r < N ? static_cast<uint32_t>(w[r * R + 2 * i]) |
+                               (2 * i + 1 < R ? static_cast<uint32_t>(w[r * R + 2 * i + 1]) << 16 : 0u)
+                         : 0u;
+        }
+        v = _mm512_load_si512(tmp);
+      }
+      _mm512_mask_storeu_epi32(BTp + i * N + n, in, v);
+    }
+  }
+}
+
+PEFTX_AVX512BF16 void gbs_bf16(const uint16_t* g, int64_t m0, int64_t m1, int64_t N, const uint32_t* Bp, int64_t R,
+                               float s, uint16_t* gBs) {
+  const int64_t full = N / 2;
+  const __mmask16 lanes = lanes16(R);
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int64_t m = m0; m < m1; m += kRows) {
+    const int nrows = static_cast<int>(std::min<int64_t>(kRows, m1 - m));
+    const uint16_t* gr[kRows];
+#pragma GCC unroll 4
+    for (int i = 0; i < kRows; ++i) gr[i] = g + (m + (i < nrows ? i : 0)) * N;  // missing rows repeat row m
+    __m512 acc[kRows];
+#pragma GCC unroll 4
+    for (int i = 0; i < kRows; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t q = 0; q < full; ++q) {
+      const __m512bh b = (__m512bh)_mm512_loadu_si512(Bp + 16 * q);
+#pragma GCC unroll 4
+      for (int i = 0; i < kRows; ++i) {
+        uint32_t pair;
+        __builtin_memcpy(&pair, gr[i] + 2 * q, sizeof(pair));
+        acc[i] = _mm512_dpbf16_ps(acc[i], b, (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)));
+      }
+    }
+    if (N % 2 != 0) {  // the last column, paired with a zero
+      const __m512bh b = (__m512bh)_mm512_loadu_si512(Bp + 16 * full);
+#pragma GCC unroll 4
+      for (int i = 0; i < kRows; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], b, (__m512bh)_mm512_set1_epi32(static_cast<int>(gr[i][N - 1])));
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < kRows; ++i) {
+      if (i >= nrows) break;
+      // bf16(g B), then bf16(that * s): the two roundings of the BLAS path (mm, then mul_).
+      const __m512 gb = _mm512_castsi512_ps(_mm512_slli_epi32(bf16_low(acc[i]), 16));
+      _mm256_mask_storeu_epi16(gBs + (m + i) * R, lanes, _mm512_cvtepi32_epi16(bf16_low(_mm512_mul_ps(gb, sv))));
+    }
+  }
+}
+
 PEFTX_AVX512BF16 void expand_bf16(const uint16_t* u, int64_t m0, int64_t m1, int64_t R, const uint32_t* BTp,
                                   int64_t N, float s, uint16_t* y) {
   const int64_t P = (R + 1) / 2;
@@ -271,19 +358,19 @@ PEFTX_AVX512BF16 void expand_bf16(const uint16_t* u, int64_t m0, int64_t m1, int
 }
 
 void adjoint_bf16(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k0, int64_t k1,
-                  const uint16_t* gBs, const uint32_t* gBsT, const uint16_t* A, int64_t R, float* dA, uint16_t* dx,
-                  uint64_t* bits) {
+                  const uint16_t* gBs, const uint32_t* gBsT, const uint16_t* A, int64_t R, float* dA, bool dA_t,
+                  uint16_t* dx, uint64_t* bits) {
   const int64_t words = (k1 - k0 + 63) / 64;
   if (d != nullptr) dropout_keep_bits(*d, static_cast<uint64_t>(k0), K, M, k1 - k0, bits);
   switch ((R + 1) / 2) {
-    case 1: return adjoint_cols<1>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dx);
-    case 2: return adjoint_cols<2>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dx);
-    case 3: return adjoint_cols<3>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dx);
-    case 4: return adjoint_cols<4>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dx);
-    case 5: return adjoint_cols<5>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dx);
-    case 6: return adjoint_cols<6>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dx);
-    case 7: return adjoint_cols<7>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dx);
-    default: return adjoint_cols<8>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dx);
+    case 1: return adjoint_cols<1>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx);
+    case 2: return adjoint_cols<2>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx);
+    case 3: return adjoint_cols<3>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx);
+    case 4: return adjoint_cols<4>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx);
+    case 5: return adjoint_cols<5>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx);
+    case 6: return adjoint_cols<6>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx);
+    case 7: return adjoint_cols<7>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx);
+    default: return adjoint_cols<8>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx);
   }
 }
 
