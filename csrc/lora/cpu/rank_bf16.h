@@ -4,7 +4,8 @@
 // these shapes, and fuse the backward's two products over the input into one pass.
 //
 // Rounding: xd = dropout(x) is rounded to bf16 exactly as the elementwise dropout pass rounds it
-// (dropout_cpu.h), products are summed in fp32 (vdpbf16ps), and each result is rounded once.
+// (dropout_cpu.h), products are summed in fp32 (vdpbf16ps, which flushes subnormals), and each result
+// is rounded once (y and dx: y + s acc in one FMA, then to bf16).
 #pragma once
 
 #include <cstdint>

@@ -11,6 +11,8 @@
 // A's strip is held as rank pairs (A[2 i, k], A[2 i + 1, k]) (R2 / 2 <= 8 registers) against
 // (gBs[m, 2 i], gBs[m, 2 i + 1]) broadcast. The mask of the strip's rows is drawn once per column
 // chunk into packed bits.
+// The outputs y and dx are updated with one FMA and vcvtneps2bf16 (round to nearest even, NaN kept;
+// it flushes fp32 subnormal results, below 1.2e-38, to zero).
 #include "lora/cpu/rank_bf16.h"
 
 #include <algorithm>
@@ -132,8 +134,8 @@ PEFTX_AVX512BF16 inline __attribute__((always_inline)) void adjoint_rows(
       #pragma GCC unroll 16
       for (int i = 0; i < P; ++i) t = _mm512_dpbf16_ps(t, ap[i], (__m512bh)_mm512_set1_epi32(static_cast<int>(g[i])));
       uint16_t* dxr = dx + (m + r) * K + k;
-      const __m512 sum = _mm512_add_ps(load_bf16(dxr, keep[r]), _mm512_mul_ps(t, scale));
-      _mm256_mask_storeu_epi16(dxr, keep[r], _mm512_cvtepi32_epi16(bf16_low(sum)));
+      const __m512 sum = _mm512_fmadd_ps(t, scale, load_bf16(dxr, keep[r]));
+      _mm256_mask_storeu_epi16(dxr, keep[r], (__m256i)_mm512_cvtneps_pbh(sum));
     }
   }
 }
@@ -205,8 +207,8 @@ PEFTX_AVX512BF16 void expand_tile(const uint32_t (*up)[8], int nrows, int64_t P,
     #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) {
       const __mmask16 m = v == NV - 1 ? tail : __mmask16{0xFFFF};
-      const __m512 sum = _mm512_add_ps(load_bf16(yr + 16 * v, m), _mm512_mul_ps(sv, acc[i][v]));
-      _mm256_mask_storeu_epi16(yr + 16 * v, m, _mm512_cvtepi32_epi16(bf16_low(sum)));
+      const __m512 sum = _mm512_fmadd_ps(sv, acc[i][v], load_bf16(yr + 16 * v, m));
+      _mm256_mask_storeu_epi16(yr + 16 * v, m, (__m256i)_mm512_cvtneps_pbh(sum));
     }
   }
 }
