@@ -58,14 +58,19 @@ PEFTX_AVX512BF16 inline void pair_dot_chunk(int64_t rows, int64_t cols, const ui
   for (int64_t n0 = 0; n0 < rows; n0 += kPairStripRows) {
     const int64_t npairs = (std::min(kPairStripRows, rows - n0) + 1) / 2;
     fill(n0, npairs, pairs);
-    for (int64_t m0 = 0; m0 < tokens; m0 += kPairTileTokens) {
+    for (int64_t m0 = 0; m0 < tokens;) {
       const uint16_t* gm = g + m0 * ldg;
       float* am = acc + m0 * kPairChunk;
-      switch (std::min<int64_t>(kPairTileTokens, tokens - m0)) {
+      // Tiles of 3, ending 2 + 2 rather than 3 + 1: a 1-token tile has 8 accumulator chains, too
+      // few to cover vdpbf16ps' latency (6 cycles) at two per cycle.
+      const int64_t left = tokens - m0;
+      const int64_t tt = left == 4 ? 2 : std::min<int64_t>(kPairTileTokens, left);
+      switch (tt) {
         case 1: pair_dot_tile<1>(pairs, npairs, gm, ldg, n0, am); break;
         case 2: pair_dot_tile<2>(pairs, npairs, gm, ldg, n0, am); break;
         default: pair_dot_tile<3>(pairs, npairs, gm, ldg, n0, am); break;
       }
+      m0 += tt;
     }
   }
   for (int64_t m = 0; m < tokens; ++m)
