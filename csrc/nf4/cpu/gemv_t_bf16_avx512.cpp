@@ -55,6 +55,20 @@ PEFTX_AVX512BF16 void gemv_t_bf16(const Weight4& w, const uint16_t* g, int64_t l
                    [&](int64_t n0, int64_t npairs, __m512i* pairs) PEFTX_AVX512BF16 {
       for (int64_t q = 0; q < npairs; ++q) {
         const int64_t n = n0 + 2 * q;
+        // The rows' bytes of this chunk are one line each, K / 2 apart: a stride the hardware
+        // prefetchers do not follow across pages. Fetch the next chunk's line of both rows into
+        // L2 now (all rows of a chunk, 64 bytes each, fit there until the next chunk reads them).
+        if (n + kPairStripRows + 1 < N) {  // and this chunk's lines one strip ahead (the first chunk has no other)
+          _mm_prefetch(reinterpret_cast<const char*>(w.packed + (((n + kPairStripRows) * w.cols + k) >> 1)), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(w.packed + (((n + kPairStripRows + 1) * w.cols + k) >> 1)),
+                       _MM_HINT_T0);
+        }
+        if (k + kPairChunk < c1) {
+          _mm_prefetch(reinterpret_cast<const char*>(w.packed + ((n * w.cols + k + kPairChunk) >> 1)), _MM_HINT_T1);
+          if (n + 1 < N)
+            _mm_prefetch(reinterpret_cast<const char*>(w.packed + (((n + 1) * w.cols + k + kPairChunk) >> 1)),
+                         _MM_HINT_T1);
+        }
         __m512i hi0[2], lo0[2], hi1[2], lo1[2];
         decode_row(w, shift, code, n, k, hi0, lo0);
         if (n + 1 < N) {
