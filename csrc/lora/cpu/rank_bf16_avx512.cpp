@@ -11,6 +11,13 @@
 // A's strip is held as rank pairs (A[2 i, k], A[2 i + 1, k]) (R2 / 2 <= 8 registers) against
 // (gBs[m, 2 i], gBs[m, 2 i + 1]) broadcast. The mask of the strip's rows is drawn once per column
 // chunk into packed bits.
+//
+// gbs (s g B): lanes over the ranks, so B is read as pairs of rows (B[2 q, j], B[2 q + 1, j]) against
+// (g[m, 2 q], g[m, 2 q + 1]) broadcast: no transpose of B and no reductions. expand (y += s u B^T):
+// lanes over the outputs, rank pairs of B^T against (u[m, 2 i], u[m, 2 i + 1]) broadcast.
+//
+// Every loop over accumulators has a compile-time trip count and is unrolled (#pragma GCC unroll):
+// GCC otherwise keeps such arrays in memory, a store per vdpbf16ps.
 // The outputs y and dx are updated with one FMA and vcvtneps2bf16 (round to nearest even, NaN kept;
 // it flushes fp32 subnormal results, below 1.2e-38, to zero).
 #include "lora/cpu/rank_bf16.h"
@@ -52,15 +59,15 @@ PEFTX_AVX512BF16 inline __attribute__((always_inline)) void shrink_step(__m512 (
                                                                        const uint16_t* const* xr, const uint16_t* A,
                                                                        int64_t K, int64_t r0, int64_t k, __mmask32 in) {
   __m512bh av[RB];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int j = 0; j < RB; ++j) {
     const uint16_t* a = A + (r0 + j) * K + k;
     av[j] = (__m512bh)(kMasked ? _mm512_maskz_loadu_epi16(in, a) : _mm512_loadu_si512(a));
   }
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i) {
     const __m512bh xv = (__m512bh)(kMasked ? _mm512_maskz_loadu_epi16(in, xr[i] + k) : _mm512_loadu_si512(xr[i] + k));
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < RB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av[j], xv);
   }
 }
@@ -70,21 +77,21 @@ template <int RB>
 PEFTX_AVX512BF16 void shrink_tile(const uint16_t* const* xr, int nrows, int64_t K, const uint16_t* A, int64_t R,
                                   int64_t r0, uint16_t* u) {
   __m512 acc[kRows][RB];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i)
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < RB; ++j) acc[i][j] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) shrink_step<RB, false>(acc, xr, A, K, r0, k, 0);
   if (k < K) shrink_step<RB, true>(acc, xr, A, K, r0, k, lanes32(K - k));
   float sums[kRows][RB];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i)
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < RB; ++j) sums[i][j] = _mm512_reduce_add_ps(acc[i][j]);
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int i = 0; i < nrows; ++i)
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < RB; ++j) u[i * R + r0 + j] = bf16_from_float(sums[i][j]).bits;
 }
 
@@ -100,20 +107,20 @@ PEFTX_AVX512BF16 inline __attribute__((always_inline)) void adjoint_rows(
   // The rows are K apart (a new page each, beyond the hardware prefetchers): fetch the strip's
   // line of x and dx kPrefetchRows rows ahead (the next strip, 16 columns on, reads it again).
   // A prefetch past the end of the tensor is harmless (it never faults).
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int r = 0; r < 2; ++r) {
     __builtin_prefetch(x + (m + kPrefetchRows + r) * K + k);
     if (kDx) __builtin_prefetch(dx + (m + kPrefetchRows + r) * K + k, 1);
   }
   __mmask16 keep[2] = {in, kTwo ? in : __mmask16{0}};
   if constexpr (kDrop) {
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < (kTwo ? 2 : 1); ++r)
       keep[r] &= static_cast<__mmask16>(bits[(m + r) * words + (bit0 >> 6)] >> (bit0 & 63));
   }
   // xd of the two rows (bf16, 0 where dropped) interleaved into dword pairs.
   __m512i xd[2];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int r = 0; r < 2; ++r) {
     if constexpr (kDrop) {
       xd[r] = bf16_low(_mm512_maskz_mul_ps(keep[r], load_bf16(x + (m + r) * K + k, keep[r]), scale));
@@ -123,15 +130,15 @@ PEFTX_AVX512BF16 inline __attribute__((always_inline)) void adjoint_rows(
   }
   const __m512bh xp = (__m512bh)_mm512_or_si512(xd[0], _mm512_slli_epi32(xd[1], 16));
   const uint32_t* gT = gBsT + (m / 2) * R2;
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int j = 0; j < 2 * P; ++j)
     acc[j] = _mm512_dpbf16_ps(acc[j], xp, (__m512bh)_mm512_set1_epi32(static_cast<int>(gT[j])));
   if constexpr (kDx) {
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < (kTwo ? 2 : 1); ++r) {
       const uint32_t* g = reinterpret_cast<const uint32_t*>(gBs + (m + r) * R2);
       __m512 t = _mm512_setzero_ps();
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int i = 0; i < P; ++i) t = _mm512_dpbf16_ps(t, ap[i], (__m512bh)_mm512_set1_epi32(static_cast<int>(g[i])));
       uint16_t* dxr = dx + (m + r) * K + k;
       const __m512 sum = _mm512_fmadd_ps(t, scale, load_bf16(dxr, keep[r]));
@@ -150,7 +157,7 @@ PEFTX_AVX512BF16 void adjoint_strip(const Dropout* d, const uint16_t* x, int64_t
   // A's strip as rank pairs: dword lane l of ap[i] = (A[2 i, k + l], A[2 i + 1, k + l]).
   __m512bh ap[kDx ? P : 1];
   ap[0] = (__m512bh)_mm512_setzero_si512();
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int i = 0; i < (kDx ? P : 0); ++i) {
     const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, A + (2 * i) * K + k));
     const __m512i hi = 2 * i + 1 < R ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, A + (2 * i + 1) * K + k))
@@ -158,7 +165,7 @@ PEFTX_AVX512BF16 void adjoint_strip(const Dropout* d, const uint16_t* x, int64_t
     ap[i] = (__m512bh)_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
   }
   __m512 acc[2 * P];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int j = 0; j < 2 * P; ++j) acc[j] = _mm512_setzero_ps();
   int64_t m = 0;
   for (; m + 1 < M; m += 2)
@@ -184,27 +191,27 @@ template <int NV>
 PEFTX_AVX512BF16 void expand_tile(const uint32_t (*up)[8], int nrows, int64_t P, const uint32_t* BTp, int64_t N,
                                   int64_t n, __mmask16 tail, __m512 sv, uint16_t* y) {
   __m512 acc[kRows][NV];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i)
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
   for (int64_t j = 0; j < P; ++j) {
     __m512bh b[NV];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v)
       b[v] = (__m512bh)_mm512_maskz_loadu_epi32(v == NV - 1 ? tail : __mmask16{0xFFFF}, BTp + j * N + n + 16 * v);
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int i = 0; i < kRows; ++i) {
       const __m512bh uv = (__m512bh)_mm512_set1_epi32(static_cast<int>(up[i][j]));
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], b[v], uv);
     }
   }
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i) {  // compile-time i (see adjoint_strip's store)
     if (i >= nrows) break;
     uint16_t* yr = y + i * N + n;
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) {
       const __mmask16 m = v == NV - 1 ? tail : __mmask16{0xFFFF};
       const __m512 sum = _mm512_fmadd_ps(sv, acc[i][v], load_bf16(yr + 16 * v, m));
@@ -245,7 +252,7 @@ PEFTX_AVX512BF16 void shrink_bf16(const Dropout* d, const uint16_t* x, int64_t m
       rows = buf;
     }
     const uint16_t* xr[kRows];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int i = 0; i < kRows; ++i) xr[i] = rows + (i < nrows ? i : 0) * K;  // missing rows repeat row 0
     uint16_t* ur = u + m * R;
     for (int64_t r0 = 0; r0 < R; r0 += 4) {
@@ -346,7 +353,7 @@ PEFTX_AVX512BF16 void expand_bf16(const uint16_t* u, int64_t m0, int64_t m1, int
     const int nrows = static_cast<int>(std::min<int64_t>(kRows, m1 - m));
     // (u[m + i, 2 j], u[m + i, 2 j + 1]) as dwords (0 past R; missing rows repeat row 0).
     uint32_t up[kRows][8];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int i = 0; i < kRows; ++i) {
       const uint16_t* ur = u + (m + (i < nrows ? i : 0)) * R;
       for (int64_t j = 0; j < P; ++j)
