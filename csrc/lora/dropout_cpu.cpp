@@ -32,10 +32,15 @@ inline void put_bits(uint64_t* words, int64_t i, uint64_t bits, int64_t take) {
   if (b != 0 && b + take > 64) words[w + 1] |= bits >> (64 - b);
 }
 
+// keep_bytes_scalar's mask (one Philox block per 4 elements), packed 64 elements at a time.
 void keep_bits_scalar(const Dropout& d, uint64_t e0, int64_t n, uint64_t* words) {
-  for (int64_t i = 0; i < n; ++i) {
-    const uint64_t e = e0 + static_cast<uint64_t>(i);
-    if (dropout_keep(d.seed, d.threshold, e)) words[i >> 6] |= 1ull << (i & 63);
+  uint8_t keep[64];
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    const int64_t c = std::min<int64_t>(64, n - i0);
+    keep_bytes_scalar(d, e0 + static_cast<uint64_t>(i0), c, keep);
+    uint64_t bits = 0;
+    for (int64_t i = 0; i < c; ++i) bits |= static_cast<uint64_t>(keep[i]) << i;
+    words[i0 >> 6] = bits;
   }
 }
 
