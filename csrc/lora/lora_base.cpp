@@ -84,7 +84,7 @@ BwdParts lora_bwd_common(const char* op, const at::Tensor& grad, const at::Tenso
   p.R = p.lora_A.size(0);
   p.N = p.lora_B.size(0);
   p.g2 = check_bwd_args(op, grad, x, u, p.M, p.R, p.N);
-  if (p.M > 0 && p.x2.is_cpu() && rank_bf16_applies(p.g2) && rank_bf16_takes(p.R)) {
+  if (p.M > 0 && rank_bf16_applies(p.g2) && rank_bf16_takes(p.R)) {  // CPU only (checked there)
     // The same products on the bf16 rank-r kernels (rounded at the same points).
     p.gBs = rank_gbs_bf16(p.g2, p.lora_B, scaling);
     p.dB = rank_gt_u_bf16(p.g2, u.mul(scaling));

@@ -60,8 +60,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
   const at::Tensor lora_A = lora_A_in.to(x2.scalar_type()), lora_B = lora_B_in.to(x2.scalar_type());
   const int64_t M = x2.size(0), K = x2.size(1), R = lora_A.size(0), N = lora_B.size(0);
   at::Tensor y = base_forward(x2, base, N, bias);
+  const bool rank_kernels = M > 0 && rank_bf16_applies(x2);
   at::Tensor u;
-  if (M > 0 && rank_bf16_applies(x2)) {
+  if (rank_kernels) {
     const Dropout d = make_dropout(static_cast<uint64_t>(seed), dropout_p);
     u = rank_shrink_bf16(x2, lora_A, dropout_p == 0.0 ? nullptr : &d);
   } else if (dropout_p == 0.0 || M == 0) {
@@ -102,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
       });
     });
   }
-  if (M > 0 && rank_bf16_applies(x2) && rank_bf16_takes(R) && y.is_contiguous()) {
+  if (rank_kernels && rank_bf16_takes(R) && y.is_contiguous()) {
     rank_expand_bf16(y, u, lora_B, scaling);
   } else if (M > 0) {
     y.addmm_(u, lora_B.t(), 1.0, scaling);
