@@ -82,6 +82,9 @@ TORCH_LIBRARY(peftx_emulate, m) {
   m.def(
       "nf4_dequantize_kernel(Tensor packed, Tensor absmax, Tensor code, int blocksize, int n, "
       "ScalarType dtype) -> Tensor");
+  m.def(
+      "nf4_dequantize8_kernel(Tensor packed, Tensor absmax, Tensor code, int blocksize, int n, "
+      "ScalarType dtype) -> Tensor");
   m.def("nf4_double_quantize_kernel(Tensor x, Tensor code, int blocksize) -> (Tensor, Tensor)");
   m.def(
       "nf4_double_dequantize_kernel(Tensor q, Tensor nested_absmax, Tensor code, Tensor offset, int "
@@ -89,9 +92,6 @@ TORCH_LIBRARY(peftx_emulate, m) {
   m.def(
       "nf4_gemv_kernel(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int "
       "out_features) -> Tensor");
-  m.def(
-      "nf4_gemv_t_kernel(Tensor grad, Tensor packed, Tensor absmax, Tensor code, int blocksize, int "
-      "in_features) -> Tensor");
   m.def("lora_dropout_kernel(Tensor x, int seed, float p) -> Tensor");
   m.def("lora_dropout_axpy_kernel(Tensor t, Tensor dx, int seed, float p) -> Tensor");
   m.def(

@@ -16,8 +16,8 @@ LORA_OPS = ["lora_linear_fwd", "lora_linear_bwd", "lora_multi_fwd"]
 DORA_OPS = ["nf4_lora_row_norm"]
 DEVICE_OPS = NF4_OPS + LORA_OPS + DORA_OPS
 CUDA_KERNELS = ["peftx::nf4::" + k for k in ("nf4_quantize_kernel", "nf4_dequantize_kernel",
-                                             "nf4_double_quantize_kernel", "nf4_double_dequantize_kernel",
-                                             "nf4_gemv_kernel", "nf4_gemv_t_kernel")] + \
+                                             "nf4_dequantize8_kernel", "nf4_double_quantize_kernel",
+                                             "nf4_double_dequantize_kernel", "nf4_gemv_kernel")] + \
                ["peftx::lora::(anonymous namespace)::" + k for k in ("lora_dropout_kernel", "lora_dropout_axpy_kernel",
                                                                      "lora_multi_shrink_kernel",
                                                                      "lora_multi_expand_kernel")] + \

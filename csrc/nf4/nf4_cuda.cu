@@ -2,6 +2,7 @@
 // nf4_math.h; the CPU emulation (nf4_emulate.cpp) runs the same functions over the whole grid.
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <type_traits>
 
 #include "nf4/nf4_cuda.h"
@@ -33,6 +34,15 @@ __global__ void nf4_dequantize_kernel(const uint8_t* packed, const float* absmax
   if (i < (n + 1) / 2) dequantize_byte(i, packed, absmax, code, blocksize, n, out);
 }
 
+// One thread per 8 elements: a 32-bit load of W, one absmax, 16-byte stores (packed 4-byte and out
+// 16-byte aligned; launch_nf4_dequantize checks).
+template <typename T>
+__global__ void nf4_dequantize8_kernel(const uint8_t* packed, const float* absmax, const float* code,
+                                       int64_t blocksize, int bshift, int64_t n, T* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < (n + 7) / 8) dequantize_oct(i, packed, absmax, code, blocksize, bshift, n, out);
+}
+
 __global__ void nf4_double_quantize_kernel(const float* x, int64_t n, int64_t blocksize,
                                            const float* code, uint8_t* q, float* absmax) {
   const int64_t block = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -46,29 +56,26 @@ __global__ void nf4_double_dequantize_kernel(const uint8_t* q, const float* nest
   if (i < n) out[i] = decode_absmax(i, q, nested_absmax, code, blocksize, *offset);
 }
 
-// Grid: x = one warp per output (m, o), outputs numbered m * N + o; block = kThreads threads.
-// Invariant for the shuffles: the whole warp maps to one output and every lane reaches them
+// Grid: x = one warp per output column o (kThreads / kWarp per block), y = groups of kGemvWarpRows
+// rows of x. Invariant for the shuffles: the whole warp maps to one o and every lane reaches them
 // (the bounds test is per warp), so full-mask __shfl_down_sync is safe.
 template <typename T>
 __global__ void nf4_gemv_kernel(const T* x, int64_t M, int64_t K, int64_t N, const uint8_t* packed,
-                                const float* absmax, const float* code, int64_t blocksize, float* y) {
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+                                const float* absmax, const float* code, int bshift, float* y) {
+  const int64_t o = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
-  if (warp >= M * N) return;
-  const int64_t m = warp / N, o = warp % N;
-  float acc = gemv_lane_partial(m, o, lane, kWarp, x, K, K, packed, absmax, code, blocksize);
-  for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, offset);
-  if (lane == 0) y[warp] = acc;
-}
-
-template <typename T>
-__global__ void nf4_gemv_t_kernel(const T* g, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
-                                  const float* absmax, const float* code, int64_t blocksize,
-                                  float* dx) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= M * K) return;
-  const int64_t m = t / K, k = t % K;
-  dx[t] = gemv_t_one(m, k, g, N, N, K, packed, absmax, code, blocksize);
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kGemvWarpRows;
+  if (o >= N) return;
+  float acc[kGemvWarpRows];
+  gemv_lane_partials(m0, M, o, lane, x, K, packed, absmax, code, bshift, acc);
+#pragma unroll
+  for (int r = 0; r < kGemvWarpRows; ++r)
+    for (int offset = 16; offset > 0; offset >>= 1) acc[r] += __shfl_down_sync(0xffffffffu, acc[r], offset);
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < kGemvWarpRows; ++r)
+      if (m0 + r < M) y[(m0 + r) * N + o] = acc[r];
+  }
 }
 
 namespace {
@@ -110,10 +117,16 @@ cudaError_t launch_nf4_dequantize(FloatKind kind, const uint8_t* packed, const f
                                   cudaStream_t stream) {
   const int64_t bytes = (n + 1) / 2;
   if (bytes == 0) return cudaSuccess;
+  const bool vec = reinterpret_cast<uintptr_t>(packed) % 4 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   return with_kind(kind, [&](auto tag) {
     using T = pointee<decltype(tag)>;
-    nf4_dequantize_kernel<T><<<grid_for(bytes, kThreads), kThreads, 0, stream>>>(
-        packed, absmax, code, blocksize, n, static_cast<T*>(out));
+    if (vec) {
+      nf4_dequantize8_kernel<T><<<grid_for((n + 7) / 8, kThreads), kThreads, 0, stream>>>(
+          packed, absmax, code, blocksize, block_shift(blocksize), n, static_cast<T*>(out));
+    } else {
+      nf4_dequantize_kernel<T><<<grid_for(bytes, kThreads), kThreads, 0, stream>>>(
+          packed, absmax, code, blocksize, n, static_cast<T*>(out));
+    }
   });
 }
 
@@ -136,25 +149,20 @@ cudaError_t launch_nf4_double_dequantize(const uint8_t* q, const float* nested_a
   return cudaGetLastError();
 }
 
+bool nf4_gemv_supported(int64_t K, const uint8_t* packed, const void* x) {
+  return K % 8 == 0 && reinterpret_cast<uintptr_t>(packed) % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+}
+
 cudaError_t launch_nf4_gemv(FloatKind kind, const void* x, int64_t M, int64_t K, int64_t N,
                             const uint8_t* packed, const float* absmax, const float* code,
                             int64_t blocksize, float* y, cudaStream_t stream) {
   if (M * N == 0) return cudaSuccess;
+  if (!nf4_gemv_supported(K, packed, x)) return cudaErrorInvalidValue;
+  const dim3 grid(grid_for(N, kThreads / kWarp), static_cast<unsigned int>((M + kGemvWarpRows - 1) / kGemvWarpRows));
   return with_kind(kind, [&](auto tag) {
     using T = pointee<decltype(tag)>;
-    nf4_gemv_kernel<T><<<grid_for(M * N, kThreads / kWarp), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), M, K, N, packed, absmax, code, blocksize, y);
-  });
-}
-
-cudaError_t launch_nf4_gemv_t(FloatKind kind, const void* g, int64_t M, int64_t N, int64_t K,
-                              const uint8_t* packed, const float* absmax, const float* code,
-                              int64_t blocksize, float* dx, cudaStream_t stream) {
-  if (M * K == 0) return cudaSuccess;
-  return with_kind(kind, [&](auto tag) {
-    using T = pointee<decltype(tag)>;
-    nf4_gemv_t_kernel<T><<<grid_for(M * K, kThreads), kThreads, 0, stream>>>(
-        static_cast<const T*>(g), M, N, K, packed, absmax, code, blocksize, dx);
+    nf4_gemv_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), M, K, N, packed, absmax, code,
+                                                      block_shift(blocksize), y);
   });
 }
 

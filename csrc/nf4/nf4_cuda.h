@@ -29,14 +29,13 @@ cudaError_t launch_nf4_double_quantize(const float* x, int64_t n, int64_t blocks
 cudaError_t launch_nf4_double_dequantize(const uint8_t* q, const float* nested_absmax,
                                          const float* code, const float* offset, int64_t blocksize,
                                          int64_t n, float* out, cudaStream_t stream);
-// x [M, K] (kind), W [N, K] 4-bit -> y [M, N] fp32 = x W^T. One warp per output.
+// Whether launch_nf4_gemv takes these operands: K % 8 == 0, packed 4-byte and x 16-byte aligned.
+bool nf4_gemv_supported(int64_t K, const uint8_t* packed, const void* x);
+// x [M, K] (kind), W [N, K] 4-bit -> y [M, N] fp32 = x W^T. One warp per output column and group of
+// 4 rows of x; cudaErrorInvalidValue unless nf4_gemv_supported.
 cudaError_t launch_nf4_gemv(FloatKind kind, const void* x, int64_t M, int64_t K, int64_t N,
                             const uint8_t* packed, const float* absmax, const float* code,
                             int64_t blocksize, float* y, cudaStream_t stream);
-// g [M, N] (kind), W [N, K] 4-bit -> dx [M, K] fp32 = g W. One thread per output.
-cudaError_t launch_nf4_gemv_t(FloatKind kind, const void* g, int64_t M, int64_t N, int64_t K,
-                              const uint8_t* packed, const float* absmax, const float* code,
-                              int64_t blocksize, float* dx, cudaStream_t stream);
 
 }  // namespace nf4
 }  // namespace peftx

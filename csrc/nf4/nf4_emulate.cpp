@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <limits>
 
 #include "common/dispatch.h"
 #include "nf4/nf4_math.h"
@@ -55,6 +56,23 @@ at::Tensor dequantize_grid(const at::Tensor& packed, const at::Tensor& absmax, c
   return out;
 }
 
+at::Tensor dequantize8_grid(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                            int64_t blocksize, int64_t n, at::ScalarType dtype) {
+  at::Tensor out = at::empty({n}, packed.options().dtype(dtype));
+  const int64_t octs = (n + 7) / 8;
+  const int bshift = block_shift(blocksize);
+  dispatch_float(dtype, "emulate nf4_dequantize8", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* dst = reinterpret_cast<T*>(out.data_ptr());
+    for_each_thread(octs, kCudaThreads, [&](int64_t t) {
+      if (t < octs)
+        dequantize_oct(t, packed.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(),
+                       code.const_data_ptr<float>(), blocksize, bshift, n, dst);
+    });
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> double_quantize_grid(const at::Tensor& x, const at::Tensor& code,
                                                         int64_t blocksize) {
   const int64_t n = x.numel(), blocks = num_blocks(n, blocksize);
@@ -84,40 +102,33 @@ at::Tensor double_dequantize_grid(const at::Tensor& q, const at::Tensor& nested,
 at::Tensor gemv_grid(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                      const at::Tensor& code, int64_t blocksize, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor y = at::zeros({M, N}, x.options().dtype(at::kFloat));
+  TORCH_CHECK(K % 8 == 0, "emulate nf4_gemv: the kernel takes in_features % 8 == 0, got ", K);
+  at::Tensor y = at::full({M, N}, std::numeric_limits<float>::quiet_NaN(), x.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  const int bshift = block_shift(blocksize);
+  constexpr int64_t warps_per_block = kCudaThreads / kWarp;
+  const int64_t grid_x = (N + warps_per_block - 1) / warps_per_block;
+  const int64_t grid_y = (M + kGemvWarpRows - 1) / kGemvWarpRows;
   dispatch_float(x.scalar_type(), "emulate nf4_gemv", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* xp = reinterpret_cast<const T*>(x.const_data_ptr());
-    std::array<float, kWarp> lanes{};
-    // Threads come in grid order, so the 32 lanes of a warp arrive consecutively.
-    for_each_thread(M * N, kCudaThreads / kWarp, [&](int64_t t) {
-      const int64_t warp = t / kWarp;
-      const int lane = static_cast<int>(t % kWarp);
-      if (warp >= M * N) return;
-      lanes[lane] = gemv_lane_partial(warp / N, warp % N, lane, kWarp, xp, K, K,
-                                      packed.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(),
-                                      code.const_data_ptr<float>(), blocksize);
-      if (lane == kWarp - 1) y.data_ptr<float>()[warp] = warp_tree_sum(lanes.data());
-    });
+    std::array<std::array<float, kWarp>, kGemvWarpRows> lanes{};
+    for (int64_t by = 0; by < grid_y; ++by)
+      for (int64_t bx = 0; bx < grid_x; ++bx)
+        for (int64_t w = 0; w < warps_per_block; ++w) {
+          const int64_t o = bx * warps_per_block + w, m0 = by * kGemvWarpRows;
+          if (o >= N) continue;  // the kernel's per-warp bounds test
+          for (int lane = 0; lane < kWarp; ++lane) {
+            float acc[kGemvWarpRows];
+            gemv_lane_partials(m0, M, o, lane, xp, K, packed.const_data_ptr<uint8_t>(),
+                               absmax.const_data_ptr<float>(), code.const_data_ptr<float>(), bshift, acc);
+            for (int r = 0; r < kGemvWarpRows; ++r) lanes[r][lane] = acc[r];
+          }
+          for (int r = 0; r < kGemvWarpRows; ++r)
+            if (m0 + r < M) yp[(m0 + r) * N + o] = warp_tree_sum(lanes[r].data());
+        }
   });
   return y;
-}
-
-at::Tensor gemv_t_grid(const at::Tensor& g, const at::Tensor& packed, const at::Tensor& absmax,
-                       const at::Tensor& code, int64_t blocksize, int64_t K) {
-  const int64_t M = g.size(0), N = g.size(1);
-  at::Tensor dx = at::zeros({M, K}, g.options().dtype(at::kFloat));
-  dispatch_float(g.scalar_type(), "emulate nf4_gemv_t", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    const T* gp = reinterpret_cast<const T*>(g.const_data_ptr());
-    for_each_thread(M * K, kCudaThreads, [&](int64_t t) {
-      if (t < M * K)
-        dx.data_ptr<float>()[t] = gemv_t_one(t / K, t % K, gp, N, N, K, packed.const_data_ptr<uint8_t>(),
-                                             absmax.const_data_ptr<float>(), code.const_data_ptr<float>(),
-                                             blocksize);
-    });
-  });
-  return dx;
 }
 
 }  // namespace
@@ -125,10 +136,10 @@ at::Tensor gemv_t_grid(const at::Tensor& g, const at::Tensor& packed, const at::
 TORCH_LIBRARY_IMPL(peftx_emulate, CPU, m) {
   m.impl("nf4_quantize_kernel", &quantize_grid);
   m.impl("nf4_dequantize_kernel", &dequantize_grid);
+  m.impl("nf4_dequantize8_kernel", &dequantize8_grid);
   m.impl("nf4_double_quantize_kernel", &double_quantize_grid);
   m.impl("nf4_double_dequantize_kernel", &double_dequantize_grid);
   m.impl("nf4_gemv_kernel", &gemv_grid);
-  m.impl("nf4_gemv_t_kernel", &gemv_t_grid);
 }
 
 }  // namespace nf4

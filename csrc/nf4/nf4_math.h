@@ -265,20 +265,126 @@ namespace nf4 {
 
 // --- Matrix products against a 4-bit weight W [rows = out_features, cols = in_features]. ---
 
-// GEMV, one warp per output (CUDA kernel nf4_gemv): lane `lane` of `lanes` returns its partial of
-//   y[m, o] = sum_k x[m, k] * W[o, k],   x row m at x + m * ldx, k = lane, lane + lanes, ...
-// The warp then sums the partials with warp_tree_sum's order (see below).
+// The vectorized CUDA kernels read W 8 elements (4 packed bytes) at a time. They need an
+// element index j0 that is a multiple of 8, which then starts a 4-byte-aligned group inside one
+// absmax block (blocksize is a power of two >= 32): absmax[j0 >> bshift], bshift = log2(blocksize),
+// with no 64-bit division.
+PEFTX_HD int block_shift(int64_t blocksize) {
+  int s = 0;
+  while ((int64_t{1} << s) < blocksize) ++s;
+  return s;
+}
+
+// The 4 packed bytes at p (4-byte aligned on the device: one 32-bit load), byte b in bits 8b .. 8b+7.
+PEFTX_HD uint32_t load_packed4(const uint8_t* __restrict__ p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(reinterpret_cast<const unsigned int*>(p));
+#else
+  return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 | static_cast<uint32_t>(p[2]) << 16 |
+         static_cast<uint32_t>(p[3]) << 24;
+#endif
+}
+
+// Decodes the 8 elements of a packed word (element 2b in the high nibble of byte b, 2b + 1 in the
+// low one), each code[nibble] * a as decode() rounds it.
+PEFTX_HD void decode8(uint32_t w, float a, const float* __restrict__ code, float (&v)[8]) {
+PEFTX_UNROLL
+  for (int e = 0; e < 8; ++e) v[e] = mul_rn(code[(w >> (8 * (e >> 1) + ((e & 1) ? 0 : 4))) & 0xfu], a);
+}
+
+// Stores v[0 .. 8) at p as T (16-byte aligned on the device: one or two 16-byte stores).
 template <typename T>
-PEFTX_HD float gemv_lane_partial(int64_t m, int64_t o, int lane, int lanes, const T* __restrict__ x,
-                                 int64_t ldx, int64_t cols, const uint8_t* __restrict__ packed,
-                                 const float* __restrict__ absmax, const float* __restrict__ code,
-                                 int64_t blocksize) {
-  float acc = 0.0f;
-  const T* xr = x + m * ldx;
-  const int64_t row = o * cols;
-  for (int64_t k = lane; k < cols; k += lanes)
-    acc += to_float(xr[k]) * decode(row + k, packed, absmax, code, blocksize);
-  return acc;
+PEFTX_HD void store8(T* __restrict__ p, const float (&v)[8]) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == 4) {
+    float4* q = reinterpret_cast<float4*>(p);
+    q[0] = make_float4(v[0], v[1], v[2], v[3]);
+    q[1] = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    uint32_t w[4];
+PEFTX_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      T lo, hi;
+      store(&lo, v[2 * i]);
+      store(&hi, v[2 * i + 1]);
+      w[i] = static_cast<uint32_t>(lo.bits) | static_cast<uint32_t>(hi.bits) << 16;
+    }
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+#else
+  for (int e = 0; e < 8; ++e) store(p + e, v[e]);
+#endif
+}
+
+// x[0 .. 8) as fp32 (16-byte aligned on the device: one 16-byte load, two for fp32).
+template <typename T>
+PEFTX_HD void load8(const T* __restrict__ p, float (&v)[8]) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == 4) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(p)), b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  } else {
+    const uint4 q = __ldg(reinterpret_cast<const uint4*>(p));
+    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+PEFTX_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      v[2 * i] = to_float(T{static_cast<uint16_t>(w[i] & 0xffffu)});
+      v[2 * i + 1] = to_float(T{static_cast<uint16_t>(w[i] >> 16)});
+    }
+  }
+#else
+  for (int e = 0; e < 8; ++e) v[e] = to_float(p[e]);
+#endif
+}
+
+// Thread i of the vectorized dequantize kernel: elements 8i .. 8i + 7 (those below n; a last
+// partial group goes byte by byte).
+template <typename T>
+PEFTX_HD void dequantize_oct(int64_t i, const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
+                             const float* __restrict__ code, int64_t blocksize, int bshift, int64_t n,
+                             T* __restrict__ out) {
+  const int64_t j0 = 8 * i;
+  if (j0 + 8 > n) {
+    for (int64_t b = j0 / 2; 2 * b < n; ++b) dequantize_byte(b, packed, absmax, code, blocksize, n, out);
+    return;
+  }
+  float v[8];
+  decode8(load_packed4(packed + j0 / 2), absmax[j0 >> bshift], code, v);
+  store8(out + j0, v);
+}
+
+// --- Matrix products against a 4-bit weight W [rows = out_features, cols = in_features]. ---
+
+// Rows of x one warp of the GEMV kernel takes (its grid's y dimension walks the row groups).
+constexpr int kGemvWarpRows = 4;
+
+// GEMV, one warp per output column o and group of up to kGemvWarpRows rows of x (CUDA kernel
+// nf4_gemv; needs cols % 8 == 0, x 16-byte aligned): lane `lane` returns in acc[r] its partial of
+//   y[m0 + r, o] = sum_k x[m0 + r, k] * W[o, k]   (rows m0 + r < M; the others stay 0),
+// over the 8-element groups c = lane, lane + kWarp, ... of W's row o: the warp reads 32 consecutive
+// 4-byte words of the row per step, and decodes each weight once for all of its rows of x.
+// The warp then sums each row's partials in warp_tree_sum's order (see below).
+template <typename T>
+PEFTX_HD void gemv_lane_partials(int64_t m0, int64_t M, int64_t o, int lane, const T* __restrict__ x,
+                                 int64_t cols, const uint8_t* __restrict__ packed,
+                                 const float* __restrict__ absmax, const float* __restrict__ code, int bshift,
+                                 float (&acc)[kGemvWarpRows]) {
+  const int64_t rows = M - m0 < kGemvWarpRows ? M - m0 : kGemvWarpRows;
+PEFTX_UNROLL
+  for (int r = 0; r < kGemvWarpRows; ++r) acc[r] = 0.0f;
+  for (int64_t c = lane; 8 * c < cols; c += kWarp) {
+    const int64_t j0 = o * cols + 8 * c;
+    float w[8];
+    decode8(load_packed4(packed + j0 / 2), absmax[j0 >> bshift], code, w);
+PEFTX_UNROLL
+    for (int r = 0; r < kGemvWarpRows; ++r) {
+      if (r >= rows) break;
+      float xv[8];
+      load8(x + (m0 + r) * cols + 8 * c, xv);
+PEFTX_UNROLL
+      for (int e = 0; e < 8; ++e) acc[r] += xv[e] * w[e];
+    }
+  }
 }
 
 // The order in which a 32-lane warp combines partials with __shfl_down_sync at offsets 16, 8, 4,
@@ -288,21 +394,6 @@ PEFTX_HD float warp_tree_sum(float* v) {
   for (int offset = 16; offset > 0; offset >>= 1)
     for (int i = 0; i < offset; ++i) v[i] += v[i + offset];
   return v[0];
-}
-
-// Transposed product, one thread per output (CUDA kernel nf4_gemv_t), for input gradients:
-//   dx[m, k] = sum_o g[m, o] * W[o, k],   g row m at g + m * ldg, o in [0, rows).
-// Neighbouring threads take neighbouring k, so each step reads neighbouring bytes of W.
-template <typename T>
-PEFTX_HD float gemv_t_one(int64_t m, int64_t k, const T* __restrict__ g, int64_t ldg, int64_t rows,
-                          int64_t cols, const uint8_t* __restrict__ packed,
-                          const float* __restrict__ absmax, const float* __restrict__ code,
-                          int64_t blocksize) {
-  float acc = 0.0f;
-  const T* gr = g + m * ldg;
-  for (int64_t o = 0; o < rows; ++o)
-    acc += to_float(gr[o]) * decode(o * cols + k, packed, absmax, code, blocksize);
-  return acc;
 }
 
 }  // namespace nf4

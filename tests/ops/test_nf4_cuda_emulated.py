@@ -21,8 +21,10 @@ def test_quantize_and_dequantize_grids(dtype, shape, blocksize):
     rp, ra = nf4_quantize_ref(w, blocksize)
     assert torch.equal(packed, rp) and torch.equal(absmax, ra)
     for out in DTYPES:
-        got = emu.nf4_dequantize_kernel(packed, absmax, NF4_CODE, blocksize, w.numel(), out)
-        assert torch.equal(got, nf4_dequantize_ref(packed, absmax, NF4_CODE, blocksize, (w.numel(),), out))
+        want = nf4_dequantize_ref(packed, absmax, NF4_CODE, blocksize, (w.numel(),), out)
+        # the byte-per-thread kernel, and the 8-elements-per-thread one (odd tails included)
+        assert torch.equal(emu.nf4_dequantize_kernel(packed, absmax, NF4_CODE, blocksize, w.numel(), out), want)
+        assert torch.equal(emu.nf4_dequantize8_kernel(packed, absmax, NF4_CODE, blocksize, w.numel(), out), want)
 
 
 @pytest.mark.parametrize("n", [1, 256, 257, 3000])
@@ -63,14 +65,20 @@ def _identity_state(values):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,N,K", [(1, 42, 123), (3, 64, 64), (5, 7, 1), (16, 33, 257)])
-def test_gemv_grids(dtype, M, N, K):
-    w = peftx.nf4_quantize(torch.randn(N, K))
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+@pytest.mark.parametrize("M,N,K", [(1, 42, 128), (3, 64, 64), (5, 7, 8), (16, 33, 264), (6, 9, 40)])
+def test_gemv_grid(dtype, blocksize, M, N, K):
+    # K % 8 == 0 (the kernel's requirement); blocks straddle rows when K % blocksize != 0; row groups
+    # of 4 with a partial last group (M = 3, 5, 6).
+    w = peftx.nf4_quantize(torch.randn(N, K), blocksize=blocksize)
     absmax = w.absmax_fp32()
-    wd = nf4_dequantize_ref(w.packed, absmax, w.code, 64, (N, K), torch.float32)
+    wd = nf4_dequantize_ref(w.packed, absmax, w.code, blocksize, (N, K), torch.float32)
     x = torch.randn(M, K).to(dtype)
-    y = emu.nf4_gemv_kernel(x, w.packed, absmax, w.code, 64, N)
+    y = emu.nf4_gemv_kernel(x, w.packed, absmax, w.code, blocksize, N)
     torch.testing.assert_close(y, x.float() @ wd.T, atol=1e-4, rtol=1e-4)
-    g = torch.randn(M, N).to(dtype)
-    dx = emu.nf4_gemv_t_kernel(g, w.packed, absmax, w.code, 64, K)
-    torch.testing.assert_close(dx, g.float() @ wd, atol=1e-4, rtol=1e-4)
+
+
+def test_gemv_grid_rejects_unaligned_rows():
+    w = peftx.nf4_quantize(torch.randn(4, 12))
+    with pytest.raises(RuntimeError, match="in_features % 8"):
+        emu.nf4_gemv_kernel(torch.randn(2, 12), w.packed, w.absmax_fp32(), w.code, 64, 4)

@@ -102,6 +102,25 @@ def test_matmul_leading_dims_and_non_contiguous(device):
     torch.testing.assert_close(peftx.nf4_matmul_t(g, w), g @ w.dequantize(torch.float32), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("M", [1, 5])
+def test_packed_at_an_unaligned_address(device, M):
+    # A packed tensor that starts one byte into its storage: the CUDA kernels that read W four bytes
+    # at a time must not take it (they fall back to byte-wise reads and cuBLAS); the results agree.
+    w, packed, absmax, code = _state(16, 64, device)
+    buf = torch.zeros(packed.numel() + 1, 1, dtype=torch.uint8, device=device)
+    buf[1:] = packed
+    shifted = buf[1:]
+    assert shifted.data_ptr() % 4 != 0
+    want = ops.nf4_dequantize(packed, absmax, code, 64, (16, 64), torch.bfloat16)
+    assert torch.equal(ops.nf4_dequantize(shifted, absmax, code, 64, (16, 64), torch.bfloat16), want)
+    x = torch.randn(M, 64, device=device)
+    torch.testing.assert_close(ops.nf4_matmul_raw(x, shifted, absmax, code, 64, 16, None),
+                               nf4_matmul_ref(x, packed, absmax, code, 64, 16), **TOL[torch.float32])
+    g = torch.randn(M, 16, device=device)
+    torch.testing.assert_close(ops.nf4_matmul_t_raw(g, shifted, absmax, code, 64, 64),
+                               nf4_matmul_t_ref(g, packed, absmax, code, 64, 64), **TOL[torch.float32])
+
+
 def test_matmul_large_uses_tiles_correctly():
     # N * K above one tile (1 Mi elements) so the tiled GEMM path runs several tiles.
     w, packed, absmax, code = _state(600, 2048, "cpu")
