@@ -1,6 +1,7 @@
 // CUDA kernels of the LoRA ops: the element-wise dropout passes and the mixed-adapter shrink /
-// expand. Dense products run in cuBLAS through at::mm (lora_cuda_reg.cpp). Each kernel is one
-// thread per output calling the per-thread function in lora_math.h; no intra-block cooperation.
+// expand. Dense products run in cuBLAS through at::mm (lora_cuda_reg.cpp). Each kernel's thread
+// calls its per-thread function in lora_math.h (a dropout thread takes the 4 elements of one Philox
+// block; a shrink / expand thread one output); no intra-block cooperation.
 #include "lora/lora_cuda.h"
 
 #include <type_traits>
@@ -11,16 +12,17 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// One thread per Philox block: 4 elements, all four random words used.
 template <typename T>
 __global__ void lora_dropout_kernel(const T* x, int64_t n, Dropout d, T* xd) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) dropout_apply_one(i, x, d, xd);
+  const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (4 * q < n) dropout_apply_quad(q, x, n, d, xd);
 }
 
 template <typename T>
 __global__ void lora_dropout_axpy_kernel(const T* t, int64_t n, Dropout d, T* dx) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) dropout_axpy_one(i, t, d, dx);
+  const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (4 * q < n) dropout_axpy_quad(q, t, n, d, dx);
 }
 
 template <typename T>
@@ -46,7 +48,8 @@ cudaError_t launch_lora_dropout(FloatKind kind, const void* x, int64_t n, Dropou
   if (n == 0) return cudaSuccess;
   return with_float_kind(kind, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    lora_dropout_kernel<T><<<grid(n), kThreads, 0, stream>>>(static_cast<const T*>(x), n, d, static_cast<T*>(xd));
+    lora_dropout_kernel<T><<<grid((n + 3) / 4), kThreads, 0, stream>>>(static_cast<const T*>(x), n, d,
+                                                                    static_cast<T*>(xd));
   });
 }
 
@@ -55,7 +58,7 @@ cudaError_t launch_lora_dropout_axpy(FloatKind kind, const void* t, int64_t n, D
   if (n == 0) return cudaSuccess;
   return with_float_kind(kind, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    lora_dropout_axpy_kernel<T><<<grid(n), kThreads, 0, stream>>>(static_cast<const T*>(t), n, d,
+    lora_dropout_axpy_kernel<T><<<grid((n + 3) / 4), kThreads, 0, stream>>>(static_cast<const T*>(t), n, d,
                                                                   static_cast<T*>(dx));
   });
 }

@@ -73,21 +73,30 @@ inline Dropout make_dropout(uint64_t seed, double p) {
   return Dropout{seed, dropout_threshold(p), static_cast<float>(1.0 / (1.0 - p))};
 }
 
-// --- per-element work of the CUDA kernels (one thread per element i of a [rows, cols] tensor) ---
+// --- per-thread work of the CUDA dropout kernels: one thread per Philox block q, i.e. the four
+// elements 4q .. 4q + 3 (those below n) of a contiguous [rows, cols] tensor, i = m * cols + k ---
 
-// xd[i] = dropout(x)[i] for x [rows, cols] row-major, i = m * cols + k.
+// xd[i] = dropout(x)[i].
 template <typename T>
-PEFTX_HD void dropout_apply_one(int64_t i, const T* x, Dropout d, T* xd) {
-  const bool keep = dropout_keep(d.seed, d.threshold, static_cast<uint64_t>(i));
-  store(xd + i, keep ? mul_rn(to_float(x[i]), d.scale) : 0.0f);
+PEFTX_HD void dropout_apply_quad(int64_t q, const T* x, int64_t n, Dropout d, T* xd) {
+  const Philox4 w = dropout_words(d.seed, static_cast<uint64_t>(q));
+PEFTX_UNROLL
+  for (int e = 0; e < 4; ++e) {
+    const int64_t i = 4 * q + e;
+    if (i < n) store(xd + i, w.v[e] >= d.threshold ? mul_rn(to_float(x[i]), d.scale) : 0.0f);
+  }
 }
 
 // dx[i] += dropout'(t)[i]: the LoRA term of the input gradient, t = s gB A [rows, cols]. The
 // adjoint of dropout is the same masked scaling.
 template <typename T>
-PEFTX_HD void dropout_axpy_one(int64_t i, const T* t, Dropout d, T* dx) {
-  const bool keep = dropout_keep(d.seed, d.threshold, static_cast<uint64_t>(i));
-  if (keep) store(dx + i, add_rn(to_float(dx[i]), mul_rn(to_float(t[i]), d.scale)));
+PEFTX_HD void dropout_axpy_quad(int64_t q, const T* t, int64_t n, Dropout d, T* dx) {
+  const Philox4 w = dropout_words(d.seed, static_cast<uint64_t>(q));
+PEFTX_UNROLL
+  for (int e = 0; e < 4; ++e) {
+    const int64_t i = 4 * q + e;
+    if (i < n && w.v[e] >= d.threshold) store(dx + i, add_rn(to_float(dx[i]), mul_rn(to_float(t[i]), d.scale)));
+  }
 }
 
 // --- mixed-adapter batches (punica's shrink / expand), one thread per output -------------------

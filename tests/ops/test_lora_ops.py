@@ -43,6 +43,9 @@ def test_dropout_mask_statistics_and_kernel_agreement(p):
     xd = torch.ops.peftx_emulate.lora_dropout_kernel(ones, 7, p)
     assert torch.equal(xd != 0, keep)
     assert torch.equal(xd, lora_dropout_ref(ones, p, 7))
+    # A thread takes one Philox block (4 elements): a count that is not a multiple of 4 ends mid-block.
+    odd = torch.randn(5, 7)
+    assert torch.equal(torch.ops.peftx_emulate.lora_dropout_kernel(odd, 9, p), lora_dropout_ref(odd, p, 9))
 
 
 def _base(kind, out_f, in_f, dtype, device):
