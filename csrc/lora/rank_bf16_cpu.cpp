@@ -13,15 +13,27 @@ namespace {
 
 const uint16_t* bf16_ptr(const at::Tensor& t) { return static_cast<const uint16_t*>(t.const_data_ptr()); }
 
-// Columns per task of the backward: a task's rows x columns of x and dx (2 x 2 bytes each) stay in
-// a 1 MiB L2 while its 16-column strips walk down the rows; at least one task per thread.
+// Columns per task of the backward: the task's packed row pairs of x (M x cols bf16) stay within
+// half of a 1 MiB L2, at least one task per thread, at most kMaxAdjointCols.
 int64_t adjoint_cols(int64_t M, int64_t K) {
-  constexpr int64_t kL2Elements = 1 << 17;
+  constexpr int64_t kPackElements = 1 << 18;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t by_cache = kL2Elements / std::max<int64_t>(M, 1);
+  const int64_t by_cache = kPackElements / std::max<int64_t>(M, 1);
   const int64_t by_threads = (K + threads - 1) / threads;
   // At least 128 columns: the mask is drawn 128 elements per step and row.
-  return std::max<int64_t>(128, (std::min(by_cache, by_threads) + 15) / 16 * 16);
+  return std::min<int64_t>(cpu::kMaxAdjointCols, std::max<int64_t>(128, (std::min(by_cache, by_threads) + 15) / 16 * 16));
+}
+
+// Per-thread scratch that outlives the call (the OpenMP workers persist): a fresh buffer of this
+// size per call would be page-faulted in again every time.
+struct alignas(64) Line {
+  uint32_t v[16];
+};
+
+template <typename T>
+T* scratch(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
 }
 
 }  // namespace
@@ -78,10 +90,13 @@ at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor
   const uint16_t* ap = A != nullptr ? bf16_ptr(Ac) : nullptr;
   const int64_t cols = adjoint_cols(M, K);
   at::parallel_for(0, (K + cols - 1) / cols, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<uint64_t> bits(d != nullptr ? M * ((cols + 63) / 64) : 0);
+    thread_local std::vector<uint64_t> bits_buf;
+    thread_local std::vector<Line> pk_buf;
+    uint64_t* bits = scratch(bits_buf, static_cast<size_t>(M * ((cols + 63) / 64)));
+    uint32_t* pk = reinterpret_cast<uint32_t*>(scratch(pk_buf, static_cast<size_t>((cols + 15) / 16 * Mh)));
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t k0 = c * cols, k1 = std::min(K, k0 + cols);
-      cpu::adjoint_bf16(d, bf16_ptr(x2), M, K, k0, k1, gp, gT.data(), ap, R, dAp, transposed, dxp, bits.data());
+      cpu::adjoint_bf16(d, bf16_ptr(x2), M, K, k0, k1, gp, gT.data(), ap, R, dAp, transposed, dxp, bits, pk);
     }
   });
   return dA;

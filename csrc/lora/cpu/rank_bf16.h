@@ -46,16 +46,20 @@ void pack_rank_pairs_t_bf16(const uint16_t* B, int64_t N, int64_t R, uint32_t* B
 void gbs_bf16(const uint16_t* g, int64_t m0, int64_t m1, int64_t N, const uint32_t* Bp, int64_t R, float s,
               uint16_t* gBs);
 
-// For the columns k in [k0, k1) of x [M, K] (k0 % 16 == 0), with xd and keep as above (keep = 1
-// without d) and scale = d->scale (1 without d):
+// The widest column chunk adjoint_bf16 takes.
+constexpr int64_t kMaxAdjointCols = 512;
+
+// For the columns k in [k0, k1) of x [M, K] (k0 % 16 == 0, k1 - k0 <= kMaxAdjointCols), with xd and
+// keep as above (keep = 1 without d) and scale = d->scale (1 without d):
 //   dA[j, k] = sum_m xd[m, k] gBs[m, j]          (fp32, dA [R, K]; dA^T [K, R] if dA_t)
 //   dx[m, k] = bf16(dx[m, k] + scale * sum_j gBs[m, j] A[j, k])  where keep, if dx is given.
 // R <= kMaxRank. gBs: [M, R2] bf16 with R2 = R rounded up to even (a zero column if R is
 // odd); gBsT: [(M + 1) / 2, R2] dwords, gBsT[i][j] = (gBs[2 i, j], gBs[2 i + 1, j]) (0 past M and R).
-// A [R, K] bf16 (may be null without dx). bits: scratch for M * ((k1 - k0 + 63) / 64) words (used under d).
+// A [R, K] bf16 (may be null without dx). Scratch: bits, M * ((k1 - k0 + 63) / 64) words (used under
+// d); pk, 16 * ((k1 - k0 + 15) / 16) * ((M + 1) / 2) dwords.
 void adjoint_bf16(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k0, int64_t k1,
                   const uint16_t* gBs, const uint32_t* gBsT, const uint16_t* A, int64_t R, float* dA, bool dA_t,
-                  uint16_t* dx, uint64_t* bits);
+                  uint16_t* dx, uint64_t* bits, uint32_t* pk);
 
 }  // namespace cpu
 }  // namespace lora

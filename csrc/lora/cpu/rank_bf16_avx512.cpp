@@ -5,12 +5,13 @@
 // an L1 buffer by the vectorized elementwise pass (dropout_rows), which rounds them as the op's
 // other paths do.
 //
-// adjoint: lanes over 16 columns k. dA needs a sum over the rows: vdpbf16ps takes rows in pairs,
-// (xd[m, k], xd[m + 1, k]) against (gBs[m, j], gBs[m + 1, j]) broadcast, one accumulator per rank
-// (R <= 16 registers for the whole column strip). The LoRA term of dx needs a sum over the ranks:
-// A's strip is held as rank pairs (A[2 i, k], A[2 i + 1, k]) (R2 / 2 <= 8 registers) against
-// (gBs[m, 2 i], gBs[m, 2 i + 1]) broadcast. The mask of the strip's rows is drawn once per column
-// chunk into packed bits.
+// adjoint: per column chunk, first a pass along the rows (x and dx read front to back, each row's
+// segment once): the dropped-out rows are stored in pairs, (xd[m, k], xd[m + 1, k]) per dword, and
+// dx's LoRA term, a sum over the ranks, is added with A's chunk held as rank pairs (A[2 i, k],
+// A[2 i + 1, k]) against (gBs[m, 2 i], gBs[m, 2 i + 1]) broadcast. Then each 16-column strip of the
+// packed pairs gives dA, a sum over the rows: vdpbf16ps of a packed vector against (gBs[m, j],
+// gBs[m + 1, j]) broadcast, one accumulator per rank (R <= 16 registers for the whole strip). The mask
+// of the chunk's rows is drawn once into packed bits.
 //
 // gbs (s g B): lanes over the ranks, so B is read as pairs of rows (B[2 q, j], B[2 q + 1, j]) against
 // (g[m, 2 q], g[m, 2 q + 1]) broadcast: no transpose of B and no reductions. expand (y += s u B^T):
@@ -36,7 +37,7 @@ namespace {
 using nf4::cpu::avx512::bf16_high;
 
 constexpr int kRows = 4;
-constexpr int64_t kPrefetchRows = 8;
+constexpr int64_t kPrefetchPairs = 2;
 
 PEFTX_AVX512_INLINE __mmask32 lanes32(int64_t n) {
   return n >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1u);
@@ -95,82 +96,92 @@ PEFTX_AVX512BF16 void shrink_tile(const uint16_t* const* xr, int nrows, int64_t 
     for (int j = 0; j < RB; ++j) u[i * R + r0 + j] = bf16_from_float(sums[i][j]).bits;
 }
 
-// The rows m and m + 1 (m + 1 only if kTwo) of one strip of adjoint_bf16: acc[j] += (xd[m], xd[m + 1])
-// . (gBs[m, j], gBs[m + 1, j]) and, with dx, dx's LoRA term. Straight-line code: acc stays in
-// registers across the caller's loop (GCC keeps arrays in memory across branchy loop bodies).
-template <int P, bool kDrop, bool kDx, bool kTwo>
-PEFTX_AVX512BF16 inline __attribute__((always_inline)) void adjoint_rows(
-    __m512 (&acc)[2 * P], const __m512bh (&ap)[kDx ? P : 1], const uint16_t* x, int64_t m, int64_t K, int64_t k,
-    __mmask16 in, const uint64_t* bits, int64_t words, int64_t bit0, __m512 scale, const uint16_t* gBs,
-    const uint32_t* gBsT, uint16_t* dx) {
+// The row-wise pass of adjoint_bf16 over its column chunk [k0, k1): for each row pair (m, m + 1),
+// xd of the two rows (bf16, 0 where dropped) interleaved into dword pairs, 16 columns per vector, to
+// pk[g][m / 2] (g = the 16-column group), and, with dx, dx's LoRA term added into both rows. Each row's
+// segment of x and dx is read once, front to back: walking a 16-column strip down the rows instead
+// (rows K elements apart, a power-of-two stride for the usual K) maps all of a strip's lines to one
+// L1 set and a few L2 sets, so they were evicted before the next strip read the rest of the line.
+// ap: A's chunk as rank pairs, ap[g * P + i] lane l = (A[2 i, k0 + 16 g + l], A[2 i + 1, ...]).
+template <int P, bool kDrop, bool kDx>
+PEFTX_AVX512BF16 void adjoint_pack(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k0, int64_t k1,
+                                   const uint64_t* bits, int64_t words, const uint16_t* gBs, const __m512bh* ap,
+                                   uint16_t* dx, uint32_t* pk) {
   constexpr int64_t R2 = 2 * P;
-  // The rows are K apart (a new page each, beyond the hardware prefetchers): fetch the strip's
-  // line of x and dx kPrefetchRows rows ahead (the next strip, 16 columns on, reads it again).
-  // A prefetch past the end of the tensor is harmless (it never faults).
-#pragma GCC unroll 16
-  for (int r = 0; r < 2; ++r) {
-    __builtin_prefetch(x + (m + kPrefetchRows + r) * K + k);
-    if (kDx) __builtin_prefetch(dx + (m + kPrefetchRows + r) * K + k, 1);
-  }
-  __mmask16 keep[2] = {in, kTwo ? in : __mmask16{0}};
-  if constexpr (kDrop) {
-#pragma GCC unroll 16
-    for (int r = 0; r < (kTwo ? 2 : 1); ++r)
-      keep[r] &= static_cast<__mmask16>(bits[(m + r) * words + (bit0 >> 6)] >> (bit0 & 63));
-  }
-  // xd of the two rows (bf16, 0 where dropped) interleaved into dword pairs.
-  __m512i xd[2];
-#pragma GCC unroll 16
-  for (int r = 0; r < 2; ++r) {
-    if constexpr (kDrop) {
-      xd[r] = bf16_low(_mm512_maskz_mul_ps(keep[r], load_bf16(x + (m + r) * K + k, keep[r]), scale));
-    } else {
-      xd[r] = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep[r], x + (m + r) * K + k));
+  const int64_t groups = (k1 - k0 + 15) / 16, Mh = (M + 1) / 2;
+  const __m512 scale = _mm512_set1_ps(kDrop ? d->scale : 1.0f);
+  for (int64_t h = 0; h < Mh; ++h) {
+    const int64_t m = 2 * h;
+    const int rows = m + 1 < M ? 2 : 1;
+    // The rows' segments are short runs K apart, which the hardware prefetchers do not run ahead of:
+    // fetch those of the row pair kPrefetchPairs ahead.
+    for (int64_t r = m + 2 * kPrefetchPairs; r < std::min(M, m + 2 * kPrefetchPairs + 2); ++r) {
+      for (int64_t k = k0; k < k1; k += 32) {
+        __builtin_prefetch(x + r * K + k);
+        if constexpr (kDx) __builtin_prefetch(dx + r * K + k, 1);
+      }
     }
-  }
-  const __m512bh xp = (__m512bh)_mm512_or_si512(xd[0], _mm512_slli_epi32(xd[1], 16));
-  const uint32_t* gT = gBsT + (m / 2) * R2;
+    // (gBs[m + r, 2 i], gBs[m + r, 2 i + 1]) broadcast, for dx's term (the second row repeats the first
+    // when M is odd; its stores are masked off).
+    __m512bh gb[2][kDx ? P : 1];
+    if constexpr (kDx) {
+#pragma GCC unroll 2
+      for (int r = 0; r < 2; ++r) {
+        const uint32_t* g = reinterpret_cast<const uint32_t*>(gBs + (m + (r < rows ? r : 0)) * R2);
 #pragma GCC unroll 16
-  for (int j = 0; j < 2 * P; ++j)
-    acc[j] = _mm512_dpbf16_ps(acc[j], xp, (__m512bh)_mm512_set1_epi32(static_cast<int>(gT[j])));
-  if constexpr (kDx) {
+        for (int i = 0; i < P; ++i) gb[r][i] = (__m512bh)_mm512_set1_epi32(static_cast<int>(g[i]));
+      }
+    }
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const int64_t k = k0 + 16 * gi;
+      const __mmask16 in = lanes16(k1 - k);
+      __mmask16 keep[2] = {in, rows == 2 ? in : __mmask16{0}};
+      if constexpr (kDrop) {
+#pragma GCC unroll 2
+        for (int r = 0; r < 2; ++r) keep[r] &= static_cast<__mmask16>(bits[(m + r) * words + (gi >> 2)] >> (16 * (gi & 3)));
+      }
+      __m512i xd[2];
+#pragma GCC unroll 2
+      for (int r = 0; r < 2; ++r) {
+        const uint16_t* xr = x + (m + r) * K + k;
+        if constexpr (kDrop) {
+          xd[r] = bf16_low(_mm512_maskz_mul_ps(keep[r], load_bf16(xr, keep[r]), scale));
+        } else {
+          xd[r] = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep[r], xr));
+        }
+      }
+      _mm512_storeu_si512(pk + (gi * Mh + h) * 16, _mm512_or_si512(xd[0], _mm512_slli_epi32(xd[1], 16)));
+      if constexpr (kDx) {
+#pragma GCC unroll 2
+        for (int r = 0; r < 2; ++r) {
+          __m512 t = _mm512_setzero_ps();
 #pragma GCC unroll 16
-    for (int r = 0; r < (kTwo ? 2 : 1); ++r) {
-      const uint32_t* g = reinterpret_cast<const uint32_t*>(gBs + (m + r) * R2);
-      __m512 t = _mm512_setzero_ps();
-#pragma GCC unroll 16
-      for (int i = 0; i < P; ++i) t = _mm512_dpbf16_ps(t, ap[i], (__m512bh)_mm512_set1_epi32(static_cast<int>(g[i])));
-      uint16_t* dxr = dx + (m + r) * K + k;
-      const __m512 sum = _mm512_fmadd_ps(t, scale, load_bf16(dxr, keep[r]));
-      _mm256_mask_storeu_epi16(dxr, keep[r], (__m256i)_mm512_cvtneps_pbh(sum));
+          for (int i = 0; i < P; ++i) t = _mm512_dpbf16_ps(t, ap[gi * P + i], gb[r][i]);
+          uint16_t* dxr = dx + (m + r) * K + k;
+          const __m512 sum = _mm512_fmadd_ps(t, scale, load_bf16(dxr, keep[r]));
+          _mm256_mask_storeu_epi16(dxr, keep[r], (__m256i)_mm512_cvtneps_pbh(sum));
+        }
+      }
     }
   }
 }
 
-// One strip of 16 columns at k (lanes `in`) of adjoint_bf16, for R2 / 2 = P rank pairs.
-template <int P, bool kDrop, bool kDx>
-PEFTX_AVX512BF16 void adjoint_strip(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k,
-                                    __mmask16 in, const uint64_t* bits, int64_t words, int64_t bit0,
-                                    const uint16_t* gBs, const uint32_t* gBsT, const uint16_t* A, int64_t R,
-                                    float* dA, bool dA_t, uint16_t* dx) {
-  const __m512 scale = _mm512_set1_ps(kDrop ? d->scale : 1.0f);
-  // A's strip as rank pairs: dword lane l of ap[i] = (A[2 i, k + l], A[2 i + 1, k + l]).
-  __m512bh ap[kDx ? P : 1];
-  ap[0] = (__m512bh)_mm512_setzero_si512();
-#pragma GCC unroll 16
-  for (int i = 0; i < (kDx ? P : 0); ++i) {
-    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, A + (2 * i) * K + k));
-    const __m512i hi = 2 * i + 1 < R ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, A + (2 * i + 1) * K + k))
-                                     : _mm512_setzero_si512();
-    ap[i] = (__m512bh)_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
-  }
+// dA of the 16 columns at k (lanes `in`) from their packed row pairs pk [Mh][16]:
+// acc[j] = sum over row pairs of (xd[m, k + l], xd[m + 1, k + l]) . (gBs[m, j], gBs[m + 1, j]).
+template <int P>
+PEFTX_AVX512BF16 void adjoint_strip(const uint32_t* pk, int64_t Mh, const uint32_t* gBsT, int64_t R, int64_t K,
+                                    int64_t k, __mmask16 in, float* dA, bool dA_t) {
+  constexpr int64_t R2 = 2 * P;
   __m512 acc[2 * P];
 #pragma GCC unroll 16
   for (int j = 0; j < 2 * P; ++j) acc[j] = _mm512_setzero_ps();
-  int64_t m = 0;
-  for (; m + 1 < M; m += 2)
-    adjoint_rows<P, kDrop, kDx, true>(acc, ap, x, m, K, k, in, bits, words, bit0, scale, gBs, gBsT, dx);
-  if (m < M) adjoint_rows<P, kDrop, kDx, false>(acc, ap, x, m, K, k, in, bits, words, bit0, scale, gBs, gBsT, dx);
+  for (int64_t h = 0; h < Mh; ++h) {
+    const __m512bh xp = (__m512bh)_mm512_loadu_si512(pk + h * 16);
+    const uint32_t* gT = gBsT + h * R2;
+#pragma GCC unroll 16
+    for (int j = 0; j < 2 * P; ++j)
+      acc[j] = _mm512_dpbf16_ps(acc[j], xp, (__m512bh)_mm512_set1_epi32(static_cast<int>(gT[j])));
+  }
   // Compile-time indices only (a runtime bound on j would put acc in memory for the whole loop).
   if (dA_t) {  // dA^T [K, R]: lane l of acc[j] to dA[(k + l) R + j]
     const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -223,18 +234,32 @@ PEFTX_AVX512BF16 void expand_tile(const uint32_t (*up)[8], int nrows, int64_t P,
 template <int P>
 PEFTX_AVX512BF16 void adjoint_cols(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k0, int64_t k1,
                                    const uint64_t* bits, int64_t words, const uint16_t* gBs, const uint32_t* gBsT,
-                                   const uint16_t* A, int64_t R, float* dA, bool dA_t, uint16_t* dx) {
-  for (int64_t k = k0; k < k1; k += 16) {
+                                   const uint16_t* A, int64_t R, float* dA, bool dA_t, uint16_t* dx, uint32_t* pk) {
+  const int64_t groups = (k1 - k0 + 15) / 16, Mh = (M + 1) / 2;
+  // A's chunk as rank pairs (only with dx): at most kMaxAdjointCols / 16 groups of P vectors.
+  __m512bh ap[kMaxAdjointCols / 16 * (dx != nullptr ? P : 1)];
+  for (int64_t gi = 0; dx != nullptr && gi < groups; ++gi) {
+    const int64_t k = k0 + 16 * gi;
     const __mmask16 in = lanes16(k1 - k);
-    if (d != nullptr && dx != nullptr) {
-      adjoint_strip<P, true, true>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dA_t, dx);
-    } else if (d != nullptr) {
-      adjoint_strip<P, true, false>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dA_t, dx);
-    } else if (dx != nullptr) {
-      adjoint_strip<P, false, true>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dA_t, dx);
-    } else {
-      adjoint_strip<P, false, false>(d, x, M, K, k, in, bits, words, k - k0, gBs, gBsT, A, R, dA, dA_t, dx);
+    for (int i = 0; i < P; ++i) {
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, A + (2 * i) * K + k));
+      const __m512i hi = 2 * i + 1 < R ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, A + (2 * i + 1) * K + k))
+                                       : _mm512_setzero_si512();
+      ap[gi * P + i] = (__m512bh)_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
     }
+  }
+  if (d != nullptr && dx != nullptr) {
+    adjoint_pack<P, true, true>(d, x, M, K, k0, k1, bits, words, gBs, ap, dx, pk);
+  } else if (d != nullptr) {
+    adjoint_pack<P, true, false>(d, x, M, K, k0, k1, bits, words, gBs, ap, dx, pk);
+  } else if (dx != nullptr) {
+    adjoint_pack<P, false, true>(d, x, M, K, k0, k1, bits, words, gBs, ap, dx, pk);
+  } else {
+    adjoint_pack<P, false, false>(d, x, M, K, k0, k1, bits, words, gBs, ap, dx, pk);
+  }
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const int64_t k = k0 + 16 * gi;
+    adjoint_strip<P>(pk + gi * Mh * 16, Mh, gBsT, R, K, k, lanes16(k1 - k), dA, dA_t);
   }
 }
 
@@ -368,18 +393,18 @@ PEFTX_AVX512BF16 void expand_bf16(const uint16_t* u, int64_t m0, int64_t m1, int
 
 void adjoint_bf16(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k0, int64_t k1,
                   const uint16_t* gBs, const uint32_t* gBsT, const uint16_t* A, int64_t R, float* dA, bool dA_t,
-                  uint16_t* dx, uint64_t* bits) {
+                  uint16_t* dx, uint64_t* bits, uint32_t* pk) {
   const int64_t words = (k1 - k0 + 63) / 64;
   if (d != nullptr) dropout_keep_bits(*d, static_cast<uint64_t>(k0), K, M, k1 - k0, bits);
   switch ((R + 1) / 2) {
-    case 1: return adjoint_cols<1>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx);
-    case 2: return adjoint_cols<2>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx);
-    case 3: return adjoint_cols<3>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx);
-    case 4: return adjoint_cols<4>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx);
-    case 5: return adjoint_cols<5>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx);
-    case 6: return adjoint_cols<6>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx);
-    case 7: return adjoint_cols<7>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx);
-    default: return adjoint_cols<8>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx);
+    case 1: return adjoint_cols<1>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk);
+    case 2: return adjoint_cols<2>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk);
+    case 3: return adjoint_cols<3>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk);
+    case 4: return adjoint_cols<4>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk);
+    case 5: return adjoint_cols<5>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk);
+    case 6: return adjoint_cols<6>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk);
+    case 7: return adjoint_cols<7>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk);
+    default: return adjoint_cols<8>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk);
   }
 }
 
