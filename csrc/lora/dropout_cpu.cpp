@@ -75,11 +75,12 @@ void dropout_rows_scalar(const Dropout& d, uint64_t e0, int64_t n, DropDt dt, co
 
 #define PEFTX_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,bmi2")))
 
-// Philox over 32 blocks (128 elements) at once, each block's words in the low halves of 64-bit lanes:
-// vpmuludq then yields a round's whole 64-bit product per lane (lo = the lane, hi = lane >> 32) and
-// the high halves carry garbage that no later step reads (vpmuludq and the final compares read low
-// halves only). Four independent vectors of 8 blocks keep the multiplier busy across the rounds'
-// mul -> shift -> xor latency chain (about twice the rate of one 16-block vector).
+// Philox over 8 V blocks (32 V elements) at once, each block's words in the low halves of 64-bit
+// lanes: vpmuludq then yields a round's whole 64-bit product per lane (lo = the lane, hi = lane >> 32)
+// and the high halves carry garbage that no later step reads (vpmuludq and the final compares read
+// low halves only). V independent vectors of 8 blocks cover the rounds' mul -> shift -> xor latency
+// chain (about 7 cycles a round): 6 vectors, unrolled over the rounds, draw 128 elements in ~92
+// cycles on Zen 5 against ~111 for 4 vectors (whose chains leave the multipliers idle).
 struct PhiloxKeys {
   uint64_t k0[10], k1[10];  // the round keys, zero-extended
 };
@@ -96,12 +97,14 @@ inline PhiloxKeys philox_keys(uint64_t seed) {
   return k;
 }
 
-// Keep bits of elements 4q .. 4q + 127: bits[0] bit i = element 4q + i, bits[1] bit i = 4q + 64 + i.
-PEFTX_AVX512 inline void keep_mask128(const PhiloxKeys& k, uint32_t threshold, uint64_t q, uint64_t bits[2]) {
+// Keep bits of elements 4q .. 4q + 32 V - 1: bits[h] bit i = element 4q + 64 h + i (V even).
+template <int V>
+PEFTX_AVX512 inline void keep_mask(const PhiloxKeys& k, uint32_t threshold, uint64_t q, uint64_t (&bits)[V / 2]) {
   const __m512i qv = _mm512_set1_epi64(static_cast<long long>(q));
   const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
-  __m512i c0[4], c1[4], c2[4], c3[4];
-  for (int v = 0; v < 4; ++v) {
+  __m512i c0[V], c1[V], c2[V], c3[V];
+#pragma GCC unroll 8
+  for (int v = 0; v < V; ++v) {
     const __m512i ctr = _mm512_add_epi64(qv, _mm512_add_epi64(lane, _mm512_set1_epi64(8 * v)));  // 64-bit q + b
     c0[v] = ctr;
     c1[v] = _mm512_srli_epi64(ctr, 32);
@@ -109,10 +112,12 @@ PEFTX_AVX512 inline void keep_mask128(const PhiloxKeys& k, uint32_t threshold, u
     c3[v] = _mm512_setzero_si512();
   }
   const __m512i m0 = _mm512_set1_epi64(0xD2511F53u), m1 = _mm512_set1_epi64(0xCD9E8D57u);
+#pragma GCC unroll 10
   for (int r = 0; r < 10; ++r) {
     const __m512i k0 = _mm512_set1_epi64(static_cast<long long>(k.k0[r]));
     const __m512i k1 = _mm512_set1_epi64(static_cast<long long>(k.k1[r]));
-    for (int v = 0; v < 4; ++v) {
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
       const __m512i p0 = _mm512_mul_epu32(c0[v], m0), p2 = _mm512_mul_epu32(c2[v], m1);
       c0[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p2, 32), c1[v], k0, 0x96);  // hi1 ^ c1 ^ k0
       c2[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), c3[v], k1, 0x96);  // hi0 ^ c3 ^ k1
@@ -125,7 +130,8 @@ PEFTX_AVX512 inline void keep_mask128(const PhiloxKeys& k, uint32_t threshold, u
   const __m512i low_halves = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
   constexpr uint64_t every4 = 0x1111111111111111ull;
-  for (int h = 0; h < 2; ++h) {
+#pragma GCC unroll 4
+  for (int h = 0; h < V / 2; ++h) {
     const int a = 2 * h, b = 2 * h + 1;
     const uint64_t w0 = _mm512_cmpge_epu32_mask(_mm512_permutex2var_epi32(c0[a], low_halves, c0[b]), thr);
     const uint64_t w1 = _mm512_cmpge_epu32_mask(_mm512_permutex2var_epi32(c1[a], low_halves, c1[b]), thr);
@@ -137,23 +143,39 @@ PEFTX_AVX512 inline void keep_mask128(const PhiloxKeys& k, uint32_t threshold, u
 }
 
 // Calls f(i, bits, take) over [0, n) in runs of up to 64 elements: bits (bit j = element e0 + i + j)
-// holds the keep bits of the run's `take` elements.
+// holds the keep bits of the run's `take` elements. Long stretches draw 192 elements per step, the
+// rest 128 or 64 at a time (no more blocks than the elements need, rounded up to 64 elements).
 template <typename F>
 PEFTX_AVX512 inline void for_each_keep_run(const Dropout& d, uint64_t e0, int64_t n, F&& f) {
   const PhiloxKeys k = philox_keys(d.seed);
   int64_t i = 0;
   uint64_t q = e0 >> 2;
   unsigned skip = static_cast<unsigned>(e0 & 3);  // elements of the first block before e0
-  while (i < n) {
-    uint64_t bits[2];
-    keep_mask128(k, d.threshold, q, bits);
-    for (int h = 0; h < 2 && i < n; ++h) {
+  auto emit = [&](const uint64_t* bits, int runs) PEFTX_AVX512 {
+    for (int h = 0; h < runs && i < n; ++h) {
       const int64_t take = std::min<int64_t>(64 - skip, n - i);
       f(i, bits[h] >> skip, take);
       i += take;
       skip = 0;
     }
+  };
+  while (n - i + skip >= 192) {
+    uint64_t bits[3];
+    keep_mask<6>(k, d.threshold, q, bits);
+    emit(bits, 3);
+    q += 48;
+  }
+  if (n - i + skip >= 128) {
+    uint64_t bits[2];
+    keep_mask<4>(k, d.threshold, q, bits);
+    emit(bits, 2);
     q += 32;
+  }
+  while (i < n) {
+    uint64_t bits[1];
+    keep_mask<2>(k, d.threshold, q, bits);
+    emit(bits, 1);
+    q += 16;
   }
 }
 

@@ -338,7 +338,7 @@ def test_bad_input_names_the_argument():
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 61), (5, 64), (9, 129), (2, 1000), (40, 4100)])
 @pytest.mark.parametrize("seed", [123456789, 0x7A3C5E91D2B40F17])  # the second with both key words set
 def test_cpu_dropout_paths_agree(monkeypatch, shape, dtype, seed):
-    # The AVX-512 mask generator (32 Philox blocks per step, any start offset) and the scalar one make
+    # The AVX-512 mask generator (48, 32 or 16 Philox blocks per step, any start offset) and the scalar one make
     # the reference mask bit for bit, in forward (row chunks) and backward (column chunks); the
     # vectorized scaling and the adjoint's update round to the storage type exactly as the scalar
     # loops (NaN and values that round to fp16 subnormals or overflow included).
