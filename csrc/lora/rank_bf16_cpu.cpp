@@ -50,7 +50,8 @@ at::Tensor rank_shrink_bf16(const at::Tensor& x2, const at::Tensor& A_in, const 
   // Groups of 4 rows (the kernel's tile) per task.
   at::parallel_for(0, (M + 3) / 4, 1, [&](int64_t g0, int64_t g1) {
     std::vector<uint16_t> buf(d != nullptr ? 4 * K : 0);
-    cpu::shrink_bf16(d, bf16_ptr(x2), g0 * 4, std::min(M, g1 * 4), K, bf16_ptr(A), R, buf.data(), up);
+    std::vector<uint64_t> bits(d != nullptr ? 4 * ((K + 63) / 64) : 0);
+    cpu::shrink_bf16(d, bf16_ptr(x2), g0 * 4, std::min(M, g1 * 4), K, bf16_ptr(A), R, buf.data(), bits.data(), up);
   });
   return u;
 }

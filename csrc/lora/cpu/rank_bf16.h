@@ -24,10 +24,10 @@ bool rank_bf16_supported();
 constexpr int64_t kMaxRank = 16;
 
 // u[m, j] = bf16(sum_k xd[m, k] A[j, k]) for the rows m in [m0, m1) of x [M, K], with xd = x when d
-// is null and dropout(x) under d otherwise. A [R, K] bf16, u [M, R]. buf: scratch for 4 K bf16
-// (used under d).
+// is null and dropout(x) under d otherwise. A [R, K] bf16, u [M, R]. Scratch (used under d): buf,
+// 4 K bf16; bits, 4 ((K + 63) / 64) words.
 void shrink_bf16(const Dropout* d, const uint16_t* x, int64_t m0, int64_t m1, int64_t K, const uint16_t* A,
-                 int64_t R, uint16_t* buf, uint16_t* u);
+                 int64_t R, uint16_t* buf, uint64_t* bits, uint16_t* u);
 
 // y[m, n] = bf16(y[m, n] + s * sum_j u[m, j] B[n, j]) for the rows m in [m0, m1) of y [M, N], u [M, R]
 // bf16, R <= kMaxRank; BTp: [(R + 1) / 2, N] dwords, BTp[i][n] = (B[n, 2 i], B[n, 2 i + 1]) (0 past R).

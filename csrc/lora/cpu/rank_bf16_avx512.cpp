@@ -2,8 +2,7 @@
 //
 // shrink: lanes over k; 4 rows x up to 4 ranks of accumulators (each loaded vector feeds 4 dot
 // products), reduced across lanes at the end. Under dropout the 4 rows are first dropped out into
-// an L1 buffer by the vectorized elementwise pass (dropout_rows), which rounds them as the op's
-// other paths do.
+// an L1 buffer from their packed keep bits, rounded as the op's other paths round them.
 //
 // adjoint: per column chunk, first a pass along the rows (x and dx read front to back, each row's
 // segment once): the dropped-out rows are stored in pairs, (xd[m, k], xd[m + 1, k]) per dword, and
@@ -263,17 +262,39 @@ PEFTX_AVX512BF16 void adjoint_cols(const Dropout* d, const uint16_t* x, int64_t 
   }
 }
 
+// xd of `nrows` rows of x [., K] into buf [nrows, K] bf16, from their keep bits (bits[r * words + i / 64]
+// bit i % 64): 32 elements per step, the even and odd elements of each dword as two fp32 vectors, so no
+// lanes cross. Rounds exactly as dropout_rows (fp32 multiply, one round to bf16, NaN kept).
+PEFTX_AVX512BF16 void drop_rows_bf16(const uint16_t* x, int nrows, int64_t K, const uint64_t* bits, int64_t words,
+                                     float scale, uint16_t* buf) {
+  const __m512 sv = _mm512_set1_ps(scale);
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int r = 0; r < nrows; ++r) {
+    for (int64_t k = 0; k < K; k += 32) {
+      const __mmask32 in = lanes32(K - k);
+      const __mmask32 keep = in & static_cast<__mmask32>(bits[r * words + (k >> 6)] >> (k & 63));
+      const __m512i v = _mm512_maskz_loadu_epi16(keep, x + r * K + k);
+      const __m512 ev = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), sv);
+      const __m512 od = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high)), sv);
+      const __m512i w = _mm512_or_si512(_mm512_srli_epi32(bf16_high(ev), 16), _mm512_and_si512(bf16_high(od), high));
+      _mm512_mask_storeu_epi16(buf + r * K + k, in, w);
+    }
+  }
+}
+
 }  // namespace
 
 bool rank_bf16_supported() { return cpu_isa() == CpuIsa::avx512 && cpu_has_avx512bf16(); }
 
 PEFTX_AVX512BF16 void shrink_bf16(const Dropout* d, const uint16_t* x, int64_t m0, int64_t m1, int64_t K,
-                                  const uint16_t* A, int64_t R, uint16_t* buf, uint16_t* u) {
+                                  const uint16_t* A, int64_t R, uint16_t* buf, uint64_t* bits, uint16_t* u) {
+  const int64_t words = (K + 63) / 64;
   for (int64_t m = m0; m < m1; m += kRows) {
     const int nrows = static_cast<int>(std::min<int64_t>(kRows, m1 - m));
     const uint16_t* rows = x + m * K;
     if (d != nullptr) {
-      dropout_rows(*d, static_cast<uint64_t>(m * K), nrows * K, DropDt::kBF16, rows, buf, nullptr, nullptr);
+      dropout_keep_bits(*d, static_cast<uint64_t>(m * K), K, nrows, K, bits);
+      drop_rows_bf16(rows, nrows, K, bits, words, d->scale, buf);
       rows = buf;
     }
     const uint16_t* xr[kRows];
