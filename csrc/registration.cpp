@@ -3,6 +3,9 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(peftx, m) {
+  // A contiguous copy of t; on the CPU, from 4 MiB up, in memory backed by 2 MiB pages
+  // (common/huge_alloc.h): for long-lived weights read in strided passes.
+  m.def("huge_page_clone(Tensor t) -> Tensor");
   // NF4 (bitsandbytes-compatible 4-bit) storage. packed: uint8 [ceil(n / 2), 1]; absmax: fp32
   // [ceil(n / blocksize)]; code: fp32 [16] (the NF4 or FP4 code book).
   m.def("nf4_quantize(Tensor weight, int blocksize) -> (Tensor packed, Tensor absmax)");

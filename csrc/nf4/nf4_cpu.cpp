@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/dispatch.h"
+#include "common/huge_alloc.h"
 #include "common/huge_pages.h"
 #include "nf4/cpu/isa.h"
 #include "nf4/cpu/plan.h"
@@ -50,7 +51,8 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& weight, in
   const at::Tensor w = weight.contiguous();
   const int64_t n = w.numel();
   const int64_t blocks = num_blocks(n, blocksize);
-  at::Tensor packed = at::empty({(n + 1) / 2, 1}, w.options().dtype(at::kByte));
+  // The packed codes outlive the call (the layer's weight): 2 MiB pages, see common/huge_alloc.h.
+  at::Tensor packed = empty_huge_pages({(n + 1) / 2, 1}, w.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({blocks}, w.options().dtype(at::kFloat));
   uint8_t* p = packed.data_ptr<uint8_t>();
   float* a = absmax.data_ptr<float>();

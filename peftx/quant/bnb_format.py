@@ -15,6 +15,7 @@ import json
 
 import torch
 
+from peftx.ops.memory import huge_page_clone
 from peftx.quant.nf4_weight import NF4Weight, check_blocksize
 
 _QS_PREFIX = "quant_state.bitsandbytes__"
@@ -89,7 +90,9 @@ def from_bnb_state_dict(sd: dict, prefix: str = "") -> NF4Weight:
     packed = raw.contiguous().reshape(-1).view(torch.uint8).unsqueeze(1)
     if packed.numel() < (n + 1) // 2:
         raise _bad(prefix, f"weight holds {packed.numel()} bytes, expected {(n + 1) // 2} for shape {shape}")
-    packed = packed[: (n + 1) // 2]
+    # Its own memory (2 MiB pages on the CPU: the products read it in strided passes), not a view
+    # into the loaded state dict.
+    packed = huge_page_clone(packed[: (n + 1) // 2])
 
     for k in ("absmax", "quant_map"):
         if key + "." + k not in sd:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from peftx.ops import nf4 as nf4_ops
+from peftx.ops.memory import huge_page_clone
 from peftx.ops.reference import DYNAMIC_CODE, NF4_CODE
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -122,6 +123,8 @@ class NF4Weight:
     def to(self, device: torch.device | str) -> "NF4Weight":
         """A copy on ``device`` (dtypes never change: the format is fixed)."""
         moved = {k: v.to(device) for k, v in self.tensors().items()}
+        if moved["packed"].device.type == "cpu" and moved["packed"] is not self.packed:
+            moved["packed"] = huge_page_clone(moved["packed"])  # 2 MiB pages (peftx/ops/memory.py)
         return NF4Weight(shape=self.shape, dtype=self.dtype, blocksize=self.blocksize, quant_type=self.quant_type,
                          nested_blocksize=self.nested_blocksize, quant_storage=self.quant_storage,
                          nested_absmax=moved.get("nested_absmax"), nested_code=moved.get("nested_code"),
