@@ -137,7 +137,8 @@ PEFTX_AVX512BF16 void adjoint_pack(const Dropout* d, const uint16_t* x, int64_t 
       __mmask16 keep[2] = {in, rows == 2 ? in : __mmask16{0}};
       if constexpr (kDrop) {
 #pragma GCC unroll 2
-        for (int r = 0; r < 2; ++r) keep[r] &= static_cast<__mmask16>(bits[(m + r) * words + (gi >> 2)] >> (16 * (gi & 3)));
+        for (int r = 0; r < 2; ++r)
+          if (r < rows) keep[r] &= static_cast<__mmask16>(bits[(m + r) * words + (gi >> 2)] >> (16 * (gi & 3)));
       }
       __m512i xd[2];
 #pragma GCC unroll 2
@@ -236,7 +237,7 @@ PEFTX_AVX512BF16 void adjoint_cols(const Dropout* d, const uint16_t* x, int64_t 
                                    const uint16_t* A, int64_t R, float* dA, bool dA_t, uint16_t* dx, uint32_t* pk) {
   const int64_t groups = (k1 - k0 + 15) / 16, Mh = (M + 1) / 2;
   // A's chunk as rank pairs (only with dx): at most kMaxAdjointCols / 16 groups of P vectors.
-  __m512bh ap[kMaxAdjointCols / 16 * (dx != nullptr ? P : 1)];
+  __m512bh ap[kMaxAdjointCols / 16 * P];
   for (int64_t gi = 0; dx != nullptr && gi < groups; ++gi) {
     const int64_t k = k0 + 16 * gi;
     const __mmask16 in = lanes16(k1 - k);
