@@ -1,6 +1,7 @@
-"""Typed wrappers, fakes and autograd of the peftx LoRA ops.
+"""Typed wrappers and fakes of the peftx LoRA ops, and the autograd of the double-quantized QLoRA path.
 
-Schemas: csrc/registration.cpp. Kernels: csrc/lora/. Autocast: csrc/lora/lora_autocast.cpp.
+Schemas: csrc/registration.cpp. Kernels: csrc/lora/. Autocast: csrc/lora/lora_autocast.cpp. The autograd
+of lora_linear_fwd (the derivation below): csrc/lora/lora_autograd.cpp.
 
 Forward, for x [M, K] (leading dimensions flattened), W [N, K] frozen, A [r, K], B [N, r], scaling s
 and the dropout D (mask m regenerated from the seed, D(x) = x * m / (1 - p)):
@@ -79,33 +80,8 @@ def _(x, base_out, lora_A, lora_B, scalings, adapter_ids):
 
 
 # --- autograd ---------------------------------------------------------------------------------
-
-def _fwd_setup(ctx, inputs, output):
-    x, weight, absmax, code, blocksize, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
-    _, u = output
-    ctx.mark_non_differentiable(u)
-    ctx.save_for_backward(x, u, weight, absmax, code, lora_A, lora_B)
-    ctx.args = (blocksize, scaling, dropout_p, seed)
-    ctx.has_bias = bias is not None
-
-
-def _fwd_backward(ctx, grad, _grad_u):
-    x, u, weight, absmax, code, lora_A, lora_B = ctx.saved_tensors
-    blocksize, scaling, dropout_p, seed = ctx.args
-    need = ctx.needs_input_grad
-    if grad is None:
-        return (None,) * 11
-    grad = grad.contiguous()
-    dx, dA, dB = ops.lora_linear_bwd(grad, x, u, weight, absmax, code, blocksize, lora_A, lora_B, scaling,
-                                     dropout_p, seed, need[0])
-    g2 = grad.reshape(-1, grad.shape[-1])
-    dW = g2.t() @ x.reshape(-1, x.shape[-1]) if need[1] and absmax is None else None
-    db = g2.sum(0) if ctx.has_bias and need[5] else None
-    return (dx if need[0] else None, dW, None, None, None, db, dA if need[6] else None,
-            dB if need[7] else None, None, None, None)
-
-
-torch.library.register_autograd("peftx::lora_linear_fwd", _fwd_backward, setup_context=_fwd_setup)
+# lora_linear_fwd's autograd is registered in C++ (csrc/lora/lora_autograd.cpp, with the derivation):
+# saved are x, u and the tensors the caller already holds; lora_linear_bwd gives dx, dA and dB.
 
 
 # --- a 4-bit base with double-quantized absmax -------------------------------------------------
