@@ -43,6 +43,13 @@ TORCH_LIBRARY(peftx, m) {
       "lora_linear_fwd(Tensor x, Tensor weight, Tensor? absmax, Tensor? code, int blocksize, Tensor? "
       "bias, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, SymInt seed) -> (Tensor out, "
       "Tensor u)");
+  // lora_linear_fwd over an NF4 weight with double-quantized absmax (qabsmax uint8 codes of the
+  // dynamic map, nested_absmax, nested_code [256], offset [] fp32, nested_blocksize): the fp32 absmax
+  // is decoded per call and never saved (csrc/lora/lora_nf4dq.cpp).
+  m.def(
+      "lora_linear_nf4dq_fwd(Tensor x, Tensor packed, Tensor qabsmax, Tensor nested_absmax, Tensor nested_code, "
+      "Tensor offset, Tensor code, int blocksize, int nested_blocksize, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "float scaling, float dropout_p, SymInt seed) -> (Tensor out, Tensor u)");
   // Gradients of lora_linear_fwd for grad [..., out]: dx (the base path included; empty unless
   // need_dx), d lora_A [r, in], d lora_B [out, r]. The mask is regenerated from `seed`.
   m.def(

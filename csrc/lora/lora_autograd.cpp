@@ -17,10 +17,9 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using FwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                                                  const c10::optional<at::Tensor>&, int64_t,
-                                                  const c10::optional<at::Tensor>&, const at::Tensor&,
-                                                  const at::Tensor&, double, double, c10::SymInt);
+using FwdSig = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t,
+    const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double, double, c10::SymInt);
 using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
     const c10::optional<at::Tensor>&, int64_t, const at::Tensor&, const at::Tensor&, double, double, c10::SymInt,

@@ -20,8 +20,6 @@ Backward, for g = dL/dy [M, N]:
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from peftx._native import _C  # noqa: F401  (registers the ops)
@@ -85,65 +83,28 @@ def _(x, base_out, lora_A, lora_B, scalings, adapter_ids):
 
 
 # --- a 4-bit base with double-quantized absmax -------------------------------------------------
+# lora_linear_nf4dq_fwd (csrc/lora/lora_nf4dq.cpp, autograd in C++): the fp32 absmax is decoded per
+# call (on the CPU into a per-thread buffer per size) and never saved for backward.
 
-_scratch = threading.local()
-
-
-def _decoded_absmax(qabsmax, nested_absmax, nested_code, offset, nested_blocksize):
-    """The fp32 absmax of a double-quantized weight, for one op call (not kept). On the CPU, eagerly,
-    decoded into a per-thread buffer reused across layers and steps: a fresh 1 MiB tensor per call
-    (a 4096 x 4096 layer) costs more in page faults than the decode itself (about 0.2 vs 0.03 ms)."""
-    if qabsmax.device.type != "cpu" or torch.compiler.is_compiling():
-        return ops.nf4_double_dequantize(qabsmax, nested_absmax, nested_code, offset, nested_blocksize)
-    buffers = getattr(_scratch, "buffers", None)
-    if buffers is None:
-        buffers = _scratch.buffers = {}
-    n = qabsmax.numel()
-    out = buffers.get(n)
-    if out is None:
-        out = buffers[n] = torch.empty(n, dtype=torch.float32)
-    ops.nf4_double_dequantize_into(qabsmax, nested_absmax, nested_code, offset, nested_blocksize, out)
-    return out
-
-
-class _LoraLinearNF4DQ(torch.autograd.Function):
-    """``lora_linear_fwd`` over an NF4 weight whose absmax is double-quantized. The op's own autograd
-    would keep the fp32 absmax it is given (decoded for this call: 1/32 of the packed weight, a new
-    tensor every step); this one keeps only x, u and the weight's own tensors, and decodes the
-    absmax again in backward (one pass over the 8-bit codes, into _decoded_absmax's buffer)."""
-
-    @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, packed, qabsmax, nested_absmax, nested_code, offset, code, blocksize,
-                nested_blocksize, scaling, dropout_p, seed):
-        absmax = _decoded_absmax(qabsmax, nested_absmax, nested_code, offset, nested_blocksize)
-        y, u = ops.lora_linear_fwd(x, packed, absmax, code, blocksize, bias, lora_A, lora_B, float(scaling),
-                                   float(dropout_p), seed)
-        ctx.save_for_backward(x, u, packed, qabsmax, nested_absmax, nested_code, offset, code, lora_A, lora_B)
-        ctx.args = (blocksize, nested_blocksize, float(scaling), float(dropout_p), seed)
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, u, packed, qabsmax, nested_absmax, nested_code, offset, code, lora_A, lora_B = ctx.saved_tensors
-        blocksize, nested_blocksize, scaling, dropout_p, seed = ctx.args
-        need = ctx.needs_input_grad
-        absmax = _decoded_absmax(qabsmax, nested_absmax, nested_code, offset, nested_blocksize)
-        grad = grad.contiguous()
-        dx, dA, dB = ops.lora_linear_bwd(grad, x, u, packed, absmax, code, blocksize, lora_A, lora_B, scaling,
-                                         dropout_p, seed, need[0])
-        db = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and need[3] else None
-        return (dx if need[0] else None, dA if need[1] else None, dB if need[2] else None, db) + (None,) * 11
+@torch.library.register_fake("peftx::lora_linear_nf4dq_fwd")
+def _(x, packed, qabsmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize, bias, lora_A,
+      lora_B, scaling, dropout_p, seed):
+    torch._check(x.dim() >= 1, lambda: "lora_linear_nf4dq_fwd: x must have at least 1 dimension")
+    torch._check(lora_A.dim() == 2 and lora_A.shape[1] == x.shape[-1],
+                 lambda: f"lora_linear_nf4dq_fwd: lora_A must have shape [r, {x.shape[-1]}], got {tuple(lora_A.shape)}")
+    torch._check(lora_B.dim() == 2 and lora_B.shape[1] == lora_A.shape[0],
+                 lambda: f"lora_linear_nf4dq_fwd: lora_B must have shape [out_features, r], got {tuple(lora_B.shape)}")
+    tokens = torch.Size(x.shape[:-1]).numel()
+    return (x.new_empty((*x.shape[:-1], lora_B.shape[0])), x.new_empty((tokens, lora_A.shape[0])))
 
 
 def lora_linear_nf4(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """``lora_linear_fwd``'s y over an ``NF4Weight`` (x already in the compute dtype, autocast
     included). With double quantization, saved for backward are x, u and the weight's own tensors
-    only (_LoraLinearNF4DQ); otherwise the op is called directly (its fp32 absmax is the weight's)."""
+    only (lora_linear_nf4dq_fwd); otherwise the op is called directly (its fp32 absmax is the weight's)."""
     if not weight.double_quant:
         return lora_linear_fwd(x, weight.packed, weight.absmax, weight.code, weight.blocksize, bias, lora_A, lora_B,
                                scaling, dropout_p, seed)[0]
-    return _LoraLinearNF4DQ.apply(x, lora_A, lora_B, bias, weight.packed, weight.absmax, weight.nested_absmax,
-                                  weight.nested_code, weight.offset, weight.code, weight.blocksize,
-                                  weight.nested_blocksize, scaling, dropout_p, seed)
-
+    return ops.lora_linear_nf4dq_fwd(x, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code,
+                                     weight.offset, weight.code, weight.blocksize, weight.nested_blocksize, bias,
+                                     lora_A, lora_B, float(scaling), float(dropout_p), seed)[0]

@@ -212,6 +212,9 @@ def test_opcheck(device):
     for p in (0.0, 0.2):
         torch.library.opcheck(f, (x, W, None, None, 64, b, A, B, 0.5, p, 3), test_utils=tests)
         torch.library.opcheck(f, (x, q.packed, q.absmax_fp32(), q.code, 64, None, A, B, 0.5, p, 3), test_utils=tests)
+        torch.library.opcheck(torch.ops.peftx.lora_linear_nf4dq_fwd.default,
+                              (x, q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code, 64, 256, b,
+                               A, B, 0.5, p, 3), test_utils=tests)
         y, u = f(x, W, None, None, 64, b, A, B, 0.5, p, 3)
         torch.library.opcheck(torch.ops.peftx.lora_linear_bwd.default,
                               (torch.randn(5, 12, device=device), x.detach(), u, W, None, None, 64, A.detach(),

@@ -242,8 +242,8 @@ def test_qlora_double_quant_saves_x_and_u_and_matches_the_op(p):
 
 
 def test_qlora_layers_of_one_size_share_the_absmax_buffer_safely():
-    # On the CPU the decoded absmax goes into one per-thread buffer per size (ops/lora.py's
-    # _decoded_absmax): layers of one shape, forwards and backwards interleaved, and threads running
+    # On the CPU the decoded absmax goes into one per-thread buffer per size (csrc/lora/lora_nf4dq.cpp's
+    # decoded_absmax): layers of one shape, forwards and backwards interleaved, and threads running
     # at once still get each layer's own result.
     from concurrent.futures import ThreadPoolExecutor
 

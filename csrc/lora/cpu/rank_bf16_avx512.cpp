@@ -243,8 +243,9 @@ PEFTX_AVX512BF16 void adjoint_cols(const Dropout* d, const uint16_t* x, int64_t 
     const __mmask16 in = lanes16(k1 - k);
     for (int i = 0; i < P; ++i) {
       const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, A + (2 * i) * K + k));
-      const __m512i hi = 2 * i + 1 < R ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, A + (2 * i + 1) * K + k))
-                                       : _mm512_setzero_si512();
+      const __m512i hi = 2 * i + 1 < R
+                             ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, A + (2 * i + 1) * K + k))
+                             : _mm512_setzero_si512();
       ap[gi * P + i] = (__m512bh)_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
     }
   }
