@@ -6,8 +6,9 @@
 // Gradients (g = grad of y, rows of x2 = x flattened to [M, in]; lora_linear_bwd derives the rest):
 //   dx = g W + s D^T(g B A) (lora_linear_bwd, base path included), dA, dB (lora_linear_bwd),
 //   dW = g^T x2 (a dense base that requires grad), dbias = sum of g's rows.
+#include "lora/lora_autograd.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 namespace peftx {
@@ -16,14 +17,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-using FwdSig = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t,
-    const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double, double, c10::SymInt);
-using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-    const c10::optional<at::Tensor>&, int64_t, const at::Tensor&, const at::Tensor&, double, double, c10::SymInt,
-    bool);
 
 c10::optional<at::Tensor> optional_of(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
@@ -37,7 +30,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
                                const c10::optional<at::Tensor>& absmax, const c10::optional<at::Tensor>& code,
                                int64_t blocksize, const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                const at::Tensor& lora_B, double scaling, double dropout_p, c10::SymInt seed) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("peftx::lora_linear_fwd", "").typed<FwdSig>();
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("peftx::lora_linear_fwd", "").typed<LoraFwdSig>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, u] = op.call(x, weight, absmax, code, blocksize, bias, lora_A, lora_B, scaling, dropout_p, seed);
     ctx->mark_non_differentiable({u});
@@ -47,27 +40,19 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["seed"] = seed;
-    // Edge index of each tensor argument (absent optionals have none): needs_input_grad takes these.
-    std::vector<int64_t> edge(kArgs, -1);
-    int64_t e = 0;
-    edge[kX] = e++;
-    edge[kWeight] = e++;
-    if (absmax.has_value() && absmax->defined()) edge[kAbsmax] = e++;
-    if (code.has_value() && code->defined()) edge[kCode] = e++;
-    if (bias.has_value() && bias->defined()) edge[kBias] = e++;
-    edge[kA] = e++;
-    edge[kB] = e++;
-    ctx->saved_data["edge"] = edge;
+    // Edge index of each argument (kX .. kSeed): needs_input_grad takes these.
+    ctx->saved_data["edge"] = edge_indices(
+        {true, true, present(absmax), present(code), false, present(bias), true, true, false, false, false});
     return {y, u};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("peftx::lora_linear_bwd", "").typed<BwdSig>();
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("peftx::lora_linear_bwd", "").typed<LoraBwdSig>();
     variable_list out(kArgs);
     const at::Tensor& grad_y = grads[0];
     if (!grad_y.defined()) return out;
     const std::vector<int64_t> edge = ctx->saved_data["edge"].toIntVector();
-    auto need = [&](Arg a) { return edge[a] >= 0 && ctx->needs_input_grad(static_cast<size_t>(edge[a])); };
+    auto need = [&](Arg a) { return needs_grad(ctx, edge[a]); };
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &u = saved[1], &weight = saved[2], &lora_A = saved[5], &lora_B = saved[6];
     const c10::optional<at::Tensor> absmax = optional_of(saved[3]), code = optional_of(saved[4]);

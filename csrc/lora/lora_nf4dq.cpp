@@ -6,10 +6,11 @@
 // pattern; the derivation is in peftx/ops/lora.py).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <unordered_map>
+
+#include "lora/lora_autograd.h"
 
 namespace peftx {
 namespace lora {
@@ -18,13 +19,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using FwdSig = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t,
-    const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double, double, c10::SymInt);
-using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-    const c10::optional<at::Tensor>&, int64_t, const at::Tensor&, const at::Tensor&, double, double, c10::SymInt,
-    bool);
 using DqSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                  const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                  const at::Tensor&, int64_t, int64_t, const c10::optional<at::Tensor>&,
@@ -61,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> nf4dq_fwd(const at::Tensor& x, const at::Tens
                                              int64_t nested_blocksize, const c10::optional<at::Tensor>& bias,
                                              const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
                                              double dropout_p, c10::SymInt seed) {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("peftx::lora_linear_fwd", "").typed<FwdSig>();
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("peftx::lora_linear_fwd", "").typed<LoraFwdSig>();
   const at::Tensor absmax = decoded_absmax(qabsmax, nested_absmax, nested_code, offset, nested_blocksize);
   return op.call(x, packed, absmax, code, blocksize, bias, lora_A, lora_B, scaling, dropout_p, std::move(seed));
 }
@@ -89,23 +83,19 @@ struct LoraLinearNF4DQFunction : public torch::autograd::Function<LoraLinearNF4D
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["seed"] = seed;
-    std::vector<int64_t> edge(kArgs, -1);
-    int64_t e = 0;
-    for (Arg a : {kX, kPacked, kQ, kNested, kNestedCode, kOffset, kCode}) edge[a] = e++;
-    if (bias.has_value() && bias->defined()) edge[kBias] = e++;
-    edge[kA] = e++;
-    edge[kB] = e++;
-    ctx->saved_data["edge"] = edge;
+    // Edge index of each argument (kX .. kSeed): needs_input_grad takes these.
+    ctx->saved_data["edge"] = edge_indices({true, true, true, true, true, true, true, false, false, present(bias), true,
+                                            true, false, false, false});
     return {y, u};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("peftx::lora_linear_bwd", "").typed<BwdSig>();
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("peftx::lora_linear_bwd", "").typed<LoraBwdSig>();
     variable_list out(kArgs);
     const at::Tensor& grad_y = grads[0];
     if (!grad_y.defined()) return out;
     const std::vector<int64_t> edge = ctx->saved_data["edge"].toIntVector();
-    auto need = [&](Arg a) { return edge[a] >= 0 && ctx->needs_input_grad(static_cast<size_t>(edge[a])); };
+    auto need = [&](Arg a) { return needs_grad(ctx, edge[a]); };
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor absmax = decoded_absmax(s[3], s[4], s[5], s[6], ctx->saved_data["nested_blocksize"].toInt());
     const at::Tensor g = grad_y.contiguous();

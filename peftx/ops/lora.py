@@ -55,15 +55,20 @@ def lora_multi_fwd(x, base_out, lora_A, lora_B, scalings, adapter_ids):
 
 # --- fakes ------------------------------------------------------------------------------------
 
-@torch.library.register_fake("peftx::lora_linear_fwd")
-def _(x, weight, absmax, code, blocksize, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    torch._check(x.dim() >= 1, lambda: "lora_linear_fwd: x must have at least 1 dimension")
+def _fwd_fake(op, x, lora_A, lora_B):
+    """(y, u) of the LoRA forwards' shapes, with their checks of x, lora_A and lora_B."""
+    torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least 1 dimension")
     torch._check(lora_A.dim() == 2 and lora_A.shape[1] == x.shape[-1],
-                 lambda: f"lora_linear_fwd: lora_A must have shape [r, {x.shape[-1]}], got {tuple(lora_A.shape)}")
+                 lambda: f"{op}: lora_A must have shape [r, {x.shape[-1]}], got {tuple(lora_A.shape)}")
     torch._check(lora_B.dim() == 2 and lora_B.shape[1] == lora_A.shape[0],
-                 lambda: f"lora_linear_fwd: lora_B must have shape [out_features, r], got {tuple(lora_B.shape)}")
+                 lambda: f"{op}: lora_B must have shape [out_features, r], got {tuple(lora_B.shape)}")
     tokens = torch.Size(x.shape[:-1]).numel()
     return (x.new_empty((*x.shape[:-1], lora_B.shape[0])), x.new_empty((tokens, lora_A.shape[0])))
+
+
+@torch.library.register_fake("peftx::lora_linear_fwd")
+def _(x, weight, absmax, code, blocksize, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return _fwd_fake("lora_linear_fwd", x, lora_A, lora_B)
 
 
 @torch.library.register_fake("peftx::lora_linear_bwd")
@@ -89,13 +94,7 @@ def _(x, base_out, lora_A, lora_B, scalings, adapter_ids):
 @torch.library.register_fake("peftx::lora_linear_nf4dq_fwd")
 def _(x, packed, qabsmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize, bias, lora_A,
       lora_B, scaling, dropout_p, seed):
-    torch._check(x.dim() >= 1, lambda: "lora_linear_nf4dq_fwd: x must have at least 1 dimension")
-    torch._check(lora_A.dim() == 2 and lora_A.shape[1] == x.shape[-1],
-                 lambda: f"lora_linear_nf4dq_fwd: lora_A must have shape [r, {x.shape[-1]}], got {tuple(lora_A.shape)}")
-    torch._check(lora_B.dim() == 2 and lora_B.shape[1] == lora_A.shape[0],
-                 lambda: f"lora_linear_nf4dq_fwd: lora_B must have shape [out_features, r], got {tuple(lora_B.shape)}")
-    tokens = torch.Size(x.shape[:-1]).numel()
-    return (x.new_empty((*x.shape[:-1], lora_B.shape[0])), x.new_empty((tokens, lora_A.shape[0])))
+    return _fwd_fake("lora_linear_nf4dq_fwd", x, lora_A, lora_B)
 
 
 def lora_linear_nf4(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
