@@ -19,8 +19,8 @@ void keep_bytes_scalar(const Dropout& d, uint64_t e0, int64_t n, uint8_t* keep) 
   int64_t i = 0;
   while (i < n) {
     const uint64_t e = e0 + static_cast<uint64_t>(i);
-    const Philox4 w = dropout_words(d.seed, e >> 2);
-    for (unsigned j = static_cast<unsigned>(e & 3); j < 4 && i < n; ++j, ++i) keep[i] = w.v[j] >= d.threshold;
+    const Philox4 w = dropout_words(d.seed, e >> 3);
+    for (int j = static_cast<int>(e & 7); j < kDropBlock && i < n; ++j, ++i) keep[i] = dropout_uniform(w, j) >= d.threshold;
   }
 }
 
@@ -32,7 +32,7 @@ inline void put_bits(uint64_t* words, int64_t i, uint64_t bits, int64_t take) {
   if (b != 0 && b + take > 64) words[w + 1] |= bits >> (64 - b);
 }
 
-// keep_bytes_scalar's mask (one Philox block per 4 elements), packed 64 elements at a time.
+// keep_bytes_scalar's mask (one Philox block per 8 elements), packed 64 elements at a time.
 void keep_bits_scalar(const Dropout& d, uint64_t e0, int64_t n, uint64_t* words) {
   uint8_t keep[64];
   for (int64_t i0 = 0; i0 < n; i0 += 64) {
@@ -75,12 +75,12 @@ void dropout_rows_scalar(const Dropout& d, uint64_t e0, int64_t n, DropDt dt, co
 
 #define PEFTX_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,bmi2")))
 
-// Philox over 8 V blocks (32 V elements) at once, each block's words in the low halves of 64-bit
+// Philox over 8 V blocks (64 V elements) at once, each block's words in the low halves of 64-bit
 // lanes: vpmuludq then yields a round's whole 64-bit product per lane (lo = the lane, hi = lane >> 32)
 // and the high halves carry garbage that no later step reads (vpmuludq and the final compares read
 // low halves only). V independent vectors of 8 blocks cover the rounds' mul -> shift -> xor latency
-// chain (about 7 cycles a round): 6 vectors, unrolled over the rounds, draw 128 elements in ~92
-// cycles on Zen 5 against ~111 for 4 vectors (whose chains leave the multipliers idle).
+// chain (about 7 cycles a round): 6 vectors, unrolled over the rounds, draw 48 blocks in ~92 cycles
+// on Zen 5 against ~111 for 4 vectors (whose chains leave the multipliers idle).
 struct PhiloxKeys {
   uint64_t k0[10], k1[10];  // the round keys, zero-extended
 };
@@ -97,9 +97,9 @@ inline PhiloxKeys philox_keys(uint64_t seed) {
   return k;
 }
 
-// Keep bits of elements 4q .. 4q + 32 V - 1: bits[h] bit i = element 4q + 64 h + i (V even).
+// Keep bits of elements 8q .. 8q + 64 V - 1: bits[h] bit i = element 8q + 64 h + i (V even).
 template <int V>
-PEFTX_AVX512 inline void keep_mask(const PhiloxKeys& k, uint32_t threshold, uint64_t q, uint64_t (&bits)[V / 2]) {
+PEFTX_AVX512 inline void keep_mask(const PhiloxKeys& k, uint32_t threshold, uint64_t q, uint64_t (&bits)[V]) {
   const __m512i qv = _mm512_set1_epi64(static_cast<long long>(q));
   const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
   __m512i c0[V], c1[V], c2[V], c3[V];
@@ -125,32 +125,35 @@ PEFTX_AVX512 inline void keep_mask(const PhiloxKeys& k, uint32_t threshold, uint
       c3[v] = p0;                                                                      // lo0
     }
   }
-  // Blocks 16h .. 16h + 15 into one vector of 32-bit lanes (the low halves), then word j of lane l
-  // is element 4l + j: spread each word's 16 keep bits to every 4th bit.
+  // Blocks 16h' .. 16h' + 15 into one vector of 32-bit lanes (the low halves); its 16-bit compares
+  // give bit 2l + t for half t of lane l's word j, i.e. element 8l + 2j + t: spread each word's bit
+  // pairs to every 8th pair, lanes 0-7 into bits[2h'] and lanes 8-15 into bits[2h' + 1].
   const __m512i low_halves = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
-  constexpr uint64_t every4 = 0x1111111111111111ull;
+  const __m512i thr = _mm512_set1_epi16(static_cast<short>(threshold));
+  constexpr uint64_t pairs8 = 0x0303030303030303ull;
 #pragma GCC unroll 4
   for (int h = 0; h < V / 2; ++h) {
     const int a = 2 * h, b = 2 * h + 1;
-    const uint64_t w0 = _mm512_cmpge_epu32_mask(_mm512_permutex2var_epi32(c0[a], low_halves, c0[b]), thr);
-    const uint64_t w1 = _mm512_cmpge_epu32_mask(_mm512_permutex2var_epi32(c1[a], low_halves, c1[b]), thr);
-    const uint64_t w2 = _mm512_cmpge_epu32_mask(_mm512_permutex2var_epi32(c2[a], low_halves, c2[b]), thr);
-    const uint64_t w3 = _mm512_cmpge_epu32_mask(_mm512_permutex2var_epi32(c3[a], low_halves, c3[b]), thr);
-    bits[h] = _pdep_u64(w0, every4) | _pdep_u64(w1, every4 << 1) | _pdep_u64(w2, every4 << 2) |
-              _pdep_u64(w3, every4 << 3);
+    const uint32_t w0 = _mm512_cmpge_epu16_mask(_mm512_permutex2var_epi32(c0[a], low_halves, c0[b]), thr);
+    const uint32_t w1 = _mm512_cmpge_epu16_mask(_mm512_permutex2var_epi32(c1[a], low_halves, c1[b]), thr);
+    const uint32_t w2 = _mm512_cmpge_epu16_mask(_mm512_permutex2var_epi32(c2[a], low_halves, c2[b]), thr);
+    const uint32_t w3 = _mm512_cmpge_epu16_mask(_mm512_permutex2var_epi32(c3[a], low_halves, c3[b]), thr);
+    bits[a] = _pdep_u64(w0 & 0xFFFFu, pairs8) | _pdep_u64(w1 & 0xFFFFu, pairs8 << 2) |
+              _pdep_u64(w2 & 0xFFFFu, pairs8 << 4) | _pdep_u64(w3 & 0xFFFFu, pairs8 << 6);
+    bits[b] = _pdep_u64(w0 >> 16, pairs8) | _pdep_u64(w1 >> 16, pairs8 << 2) | _pdep_u64(w2 >> 16, pairs8 << 4) |
+              _pdep_u64(w3 >> 16, pairs8 << 6);
   }
 }
 
 // Calls f(i, bits, take) over [0, n) in runs of up to 64 elements: bits (bit j = element e0 + i + j)
-// holds the keep bits of the run's `take` elements. Long stretches draw 192 elements per step, the
-// rest 128 or 64 at a time (no more blocks than the elements need, rounded up to 64 elements).
+// holds the keep bits of the run's `take` elements. Long stretches draw 384 elements per step, the
+// rest 256 or 128 at a time (no more blocks than the elements need, rounded up to 128 elements).
 template <typename F>
 PEFTX_AVX512 inline void for_each_keep_run(const Dropout& d, uint64_t e0, int64_t n, F&& f) {
   const PhiloxKeys k = philox_keys(d.seed);
   int64_t i = 0;
-  uint64_t q = e0 >> 2;
-  unsigned skip = static_cast<unsigned>(e0 & 3);  // elements of the first block before e0
+  uint64_t q = e0 >> 3;
+  unsigned skip = static_cast<unsigned>(e0 & 7);  // elements of the first block before e0
   auto emit = [&](const uint64_t* bits, int runs) PEFTX_AVX512 {
     for (int h = 0; h < runs && i < n; ++h) {
       const int64_t take = std::min<int64_t>(64 - skip, n - i);
@@ -159,22 +162,22 @@ PEFTX_AVX512 inline void for_each_keep_run(const Dropout& d, uint64_t e0, int64_
       skip = 0;
     }
   };
-  while (n - i + skip >= 192) {
-    uint64_t bits[3];
+  while (n - i + skip >= 384) {
+    uint64_t bits[6];
     keep_mask<6>(k, d.threshold, q, bits);
-    emit(bits, 3);
+    emit(bits, 6);
     q += 48;
   }
-  if (n - i + skip >= 128) {
-    uint64_t bits[2];
+  if (n - i + skip >= 256) {
+    uint64_t bits[4];
     keep_mask<4>(k, d.threshold, q, bits);
-    emit(bits, 2);
+    emit(bits, 4);
     q += 32;
   }
   while (i < n) {
-    uint64_t bits[1];
+    uint64_t bits[2];
     keep_mask<2>(k, d.threshold, q, bits);
-    emit(bits, 1);
+    emit(bits, 2);
     q += 16;
   }
 }

@@ -1,6 +1,6 @@
 // The LoRA dropout on the CPU: the mask as bytes (1 = kept), and the two elementwise passes of the
 // LoRA ops (the dropped-out input, and the dropout's adjoint added into the input gradient), with
-// AVX-512 Philox (48 blocks, 192 elements per step) where cpu_isa() allows it and one element at a
+// AVX-512 Philox (48 blocks, 384 elements per step) where cpu_isa() allows it and one element at a
 // time otherwise (AVX2 has no cheap 64-bit mask spread, so it takes the scalar path).
 // Both paths compute exactly the mask of lora_math.h's dropout_keep, and the passes round exactly
 // as the scalar code (fp32 multiply, fp32 add, one round to the storage type), so they agree bit

@@ -1,6 +1,6 @@
 // CUDA kernels of the LoRA ops: the element-wise dropout passes and the mixed-adapter shrink /
 // expand. Dense products run in cuBLAS through at::mm (lora_cuda_reg.cpp). Each kernel's thread
-// calls its per-thread function in lora_math.h (a dropout thread takes the 4 elements of one Philox
+// calls its per-thread function in lora_math.h (a dropout thread takes the 8 elements of one Philox
 // block; a shrink / expand thread one output); no intra-block cooperation.
 #include "lora/lora_cuda.h"
 
@@ -12,17 +12,17 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// One thread per Philox block: 4 elements, all four random words used.
+// One thread per Philox block: 8 elements, a 16-bit half of a random word each.
 template <typename T>
 __global__ void lora_dropout_kernel(const T* x, int64_t n, Dropout d, T* xd) {
   const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (4 * q < n) dropout_apply_quad(q, x, n, d, xd);
+  if (kDropBlock * q < n) dropout_apply_block(q, x, n, d, xd);
 }
 
 template <typename T>
 __global__ void lora_dropout_axpy_kernel(const T* t, int64_t n, Dropout d, T* dx) {
   const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (4 * q < n) dropout_axpy_quad(q, t, n, d, dx);
+  if (kDropBlock * q < n) dropout_axpy_block(q, t, n, d, dx);
 }
 
 template <typename T>
@@ -48,7 +48,7 @@ cudaError_t launch_lora_dropout(FloatKind kind, const void* x, int64_t n, Dropou
   if (n == 0) return cudaSuccess;
   return with_float_kind(kind, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    lora_dropout_kernel<T><<<grid((n + 3) / 4), kThreads, 0, stream>>>(static_cast<const T*>(x), n, d,
+    lora_dropout_kernel<T><<<grid((n + kDropBlock - 1) / kDropBlock), kThreads, 0, stream>>>(static_cast<const T*>(x), n, d,
                                                                     static_cast<T*>(xd));
   });
 }
@@ -58,7 +58,7 @@ cudaError_t launch_lora_dropout_axpy(FloatKind kind, const void* t, int64_t n, D
   if (n == 0) return cudaSuccess;
   return with_float_kind(kind, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    lora_dropout_axpy_kernel<T><<<grid((n + 3) / 4), kThreads, 0, stream>>>(static_cast<const T*>(t), n, d,
+    lora_dropout_axpy_kernel<T><<<grid((n + kDropBlock - 1) / kDropBlock), kThreads, 0, stream>>>(static_cast<const T*>(t), n, d,
                                                                   static_cast<T*>(dx));
   });
 }

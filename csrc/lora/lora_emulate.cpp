@@ -27,8 +27,8 @@ at::Tensor dropout_grid(const at::Tensor& x, int64_t seed, double p) {
     using T = typename decltype(tag)::type;
     const T* src = reinterpret_cast<const T*>(xc.const_data_ptr());
     T* dst = reinterpret_cast<T*>(xd.data_ptr());
-    for_each_thread((n + 3) / 4, [&](int64_t q) {
-      if (4 * q < n) dropout_apply_quad(q, src, n, d, dst);
+    for_each_thread((n + kDropBlock - 1) / kDropBlock, [&](int64_t q) {
+      if (kDropBlock * q < n) dropout_apply_block(q, src, n, d, dst);
     });
   });
   return xd;
@@ -43,8 +43,8 @@ at::Tensor dropout_axpy_grid(const at::Tensor& t, const at::Tensor& dx, int64_t 
     using T = typename decltype(tag)::type;
     const T* src = reinterpret_cast<const T*>(tc.const_data_ptr());
     T* dst = reinterpret_cast<T*>(out.data_ptr());
-    for_each_thread((n + 3) / 4, [&](int64_t q) {
-      if (4 * q < n) dropout_axpy_quad(q, src, n, d, dst);
+    for_each_thread((n + kDropBlock - 1) / kDropBlock, [&](int64_t q) {
+      if (kDropBlock * q < n) dropout_axpy_block(q, src, n, d, dst);
     });
   });
   return out;

@@ -2,10 +2,13 @@
 // Nothing here includes torch.
 //
 // Dropout masks are a pure function of (seed, element index): Philox4x32-10 (Salmon et al.,
-// "Parallel random numbers: as easy as 1, 2, 3", SC'11), counter = (e / 4 as 64 bits, 0, 0),
-// key = seed (64 bits), word e % 4. Element e of the logical [tokens, in_features] input is kept
-// when that word >= threshold(p), and a kept element is scaled by 1 / (1 - p). Forward and
-// backward (and the CPU and CUDA kernels) therefore agree on the mask without storing it.
+// "Parallel random numbers: as easy as 1, 2, 3", SC'11), counter = (e / 8 as 64 bits, 0, 0),
+// key = seed (64 bits); each block's four 32-bit words give eight 16-bit uniforms, element e taking
+// half e % 2 (low, then high) of word (e % 8) / 2. Element e of the logical [tokens, in_features]
+// input is kept when its uniform >= threshold(p), and a kept element is scaled by 1 / (1 - p).
+// Forward and backward (and the CPU and CUDA kernels) therefore agree on the mask without storing
+// it. Sixteen bits per element halve the Philox work against one word per element; the price is
+// that p is resolved to multiples of 2^-16 (dropout_threshold).
 #pragma once
 
 #include <cstdint>
@@ -46,20 +49,28 @@ PEFTX_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c
   return Philox4{{c0, c1, c2, c3}};
 }
 
-// The four mask words for elements 4q .. 4q+3 under `seed`.
+// Elements per Philox block.
+constexpr int64_t kDropBlock = 8;
+
+// The four mask words for elements 8q .. 8q+7 under `seed`.
 PEFTX_HD Philox4 dropout_words(uint64_t seed, uint64_t q) {
   return philox4x32_10(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), 0u, 0u,
                        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
-// Words below the threshold drop their element: P(drop) = threshold / 2^32 = p (to 2^-32).
+// The 16-bit uniform of element j (0..7) of a block.
+PEFTX_HD uint32_t dropout_uniform(const Philox4& w, int j) { return (w.v[j >> 1] >> (16 * (j & 1))) & 0xFFFFu; }
+
+// Uniforms below the threshold drop their element: P(drop) = threshold / 2^16, threshold =
+// floor(p 2^16), at least 1 for p > 0 (so a p below 2^-16 drops at rate 2^-16 rather than never).
 PEFTX_HD uint32_t dropout_threshold(double p) {
-  const double t = p * 4294967296.0;
-  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
+  if (p <= 0.0) return 0u;
+  const double t = p * 65536.0;
+  return t >= 65535.0 ? 65535u : (t < 1.0 ? 1u : static_cast<uint32_t>(t));
 }
 
 PEFTX_HD bool dropout_keep(uint64_t seed, uint32_t threshold, uint64_t e) {
-  return dropout_words(seed, e >> 2).v[e & 3] >= threshold;
+  return dropout_uniform(dropout_words(seed, e >> 3), static_cast<int>(e & 7)) >= threshold;
 }
 
 // Dropout parameters as the kernels see them: scale = 1 / (1 - p), rounded to fp32 once.
@@ -73,29 +84,30 @@ inline Dropout make_dropout(uint64_t seed, double p) {
   return Dropout{seed, dropout_threshold(p), static_cast<float>(1.0 / (1.0 - p))};
 }
 
-// --- per-thread work of the CUDA dropout kernels: one thread per Philox block q, i.e. the four
-// elements 4q .. 4q + 3 (those below n) of a contiguous [rows, cols] tensor, i = m * cols + k ---
+// --- per-thread work of the CUDA dropout kernels: one thread per Philox block q, i.e. the eight
+// elements 8q .. 8q + 7 (those below n) of a contiguous [rows, cols] tensor, i = m * cols + k ---
 
 // xd[i] = dropout(x)[i].
 template <typename T>
-PEFTX_HD void dropout_apply_quad(int64_t q, const T* x, int64_t n, Dropout d, T* xd) {
+PEFTX_HD void dropout_apply_block(int64_t q, const T* x, int64_t n, Dropout d, T* xd) {
   const Philox4 w = dropout_words(d.seed, static_cast<uint64_t>(q));
 PEFTX_UNROLL
-  for (int e = 0; e < 4; ++e) {
-    const int64_t i = 4 * q + e;
-    if (i < n) store(xd + i, w.v[e] >= d.threshold ? mul_rn(to_float(x[i]), d.scale) : 0.0f);
+  for (int e = 0; e < kDropBlock; ++e) {
+    const int64_t i = kDropBlock * q + e;
+    if (i < n) store(xd + i, dropout_uniform(w, e) >= d.threshold ? mul_rn(to_float(x[i]), d.scale) : 0.0f);
   }
 }
 
 // dx[i] += dropout'(t)[i]: the LoRA term of the input gradient, t = s gB A [rows, cols]. The
 // adjoint of dropout is the same masked scaling.
 template <typename T>
-PEFTX_HD void dropout_axpy_quad(int64_t q, const T* t, int64_t n, Dropout d, T* dx) {
+PEFTX_HD void dropout_axpy_block(int64_t q, const T* t, int64_t n, Dropout d, T* dx) {
   const Philox4 w = dropout_words(d.seed, static_cast<uint64_t>(q));
 PEFTX_UNROLL
-  for (int e = 0; e < 4; ++e) {
-    const int64_t i = 4 * q + e;
-    if (i < n && w.v[e] >= d.threshold) store(dx + i, add_rn(to_float(dx[i]), mul_rn(to_float(t[i]), d.scale)));
+  for (int e = 0; e < kDropBlock; ++e) {
+    const int64_t i = kDropBlock * q + e;
+    if (i < n && dropout_uniform(w, e) >= d.threshold)
+      store(dx + i, add_rn(to_float(dx[i]), mul_rn(to_float(t[i]), d.scale)));
   }
 }
 

@@ -114,16 +114,24 @@ def philox4x32_10_ref(c: Sequence[torch.Tensor], key: tuple[int, int]) -> list[t
     return [c0, c1, c2, c3]
 
 
+def dropout_threshold_ref(p: float) -> int:
+    """The mask's 16-bit threshold: floor(p * 2^16), at least 1 for p > 0, at most 2^16 - 1."""
+    if p <= 0.0:
+        return 0
+    return min(max(int(p * 65536.0), 1), 65535)
+
+
 def dropout_keep_ref(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
-    """The LoRA dropout mask (True = kept) of a [rows, cols] input: element e keeps iff word e % 4 of
-    Philox4x32-10(counter = e // 4, key = seed) is >= floor(p * 2^32)."""
+    """The LoRA dropout mask (True = kept) of a [rows, cols] input: element e keeps iff the 16-bit
+    half e % 2 (low first) of word (e % 8) // 2 of Philox4x32-10(counter = e // 8, key = seed) is
+    >= dropout_threshold_ref(p)."""
     n = rows * cols
-    q = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
+    q = torch.arange((n + 7) // 8, dtype=torch.int64, device=device)
     zero = torch.zeros_like(q)
     words = philox4x32_10_ref([q & _M32, q >> 32, zero, zero], (seed & _M32, (seed >> 32) & _M32))
-    flat = torch.stack(words, dim=1).reshape(-1)[:n]
-    threshold = min(int(p * 4294967296.0), _M32)
-    return (flat >= threshold).reshape(rows, cols)
+    halves = torch.stack([h for w in words for h in (w & 0xFFFF, w >> 16)], dim=1)
+    flat = halves.reshape(-1)[:n]
+    return (flat >= dropout_threshold_ref(p)).reshape(rows, cols)
 
 
 def lora_dropout_ref(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:

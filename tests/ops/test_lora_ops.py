@@ -7,8 +7,8 @@ import torch
 
 import peftx
 from peftx.ops import lora as ops
-from peftx.ops.reference import (dropout_keep_ref, lora_dropout_ref, lora_linear_ref, lora_multi_ref,
-                                 philox4x32_10_ref)
+from peftx.ops.reference import (dropout_keep_ref, dropout_threshold_ref, lora_dropout_ref, lora_linear_ref,
+                                 lora_multi_ref, philox4x32_10_ref)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Tolerances against the fp32 reference: the kernels round x, W, A, B products to the dtype at the
@@ -43,9 +43,22 @@ def test_dropout_mask_statistics_and_kernel_agreement(p):
     xd = torch.ops.peftx_emulate.lora_dropout_kernel(ones, 7, p)
     assert torch.equal(xd != 0, keep)
     assert torch.equal(xd, lora_dropout_ref(ones, p, 7))
-    # A thread takes one Philox block (4 elements): a count that is not a multiple of 4 ends mid-block.
+    # A thread takes one Philox block (8 elements): a count that is not a multiple of 8 ends mid-block.
     odd = torch.randn(5, 7)
     assert torch.equal(torch.ops.peftx_emulate.lora_dropout_kernel(odd, 9, p), lora_dropout_ref(odd, p, 9))
+
+
+def test_dropout_threshold_resolution():
+    # 16-bit uniforms: p resolves to multiples of 2^-16, and a positive p never rounds to no dropout.
+    assert [dropout_threshold_ref(p) for p in (0.0, 1e-9, 0.05, 0.5, 0.9999999)] == [0, 1, 3276, 32768, 65535]
+    p, seed = 1e-9, 3
+    keep = dropout_keep_ref(seed, 64, 4096, p)
+    assert 0 < int((~keep).sum()) < 20  # about 2^-16 of 262144 elements: 4
+    x = torch.ones(64, 4096)
+    assert torch.equal(torch.ops.peftx_emulate.lora_dropout_kernel(x, seed, p) != 0, keep)
+    A = torch.randn(2, 4096)
+    _, u = ops.lora_linear_fwd(x, torch.zeros(3, 4096), None, None, 64, None, A, torch.zeros(3, 2), 1.0, p, seed)
+    torch.testing.assert_close(u, lora_dropout_ref(x, p, seed) @ A.t(), atol=1e-3, rtol=1e-5)
 
 
 def _base(kind, out_f, in_f, dtype, device):
