@@ -3,6 +3,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <tuple>
 
 #include "common/checks.h"
 #include "lora/dense_small_cpu.h"
@@ -86,8 +87,7 @@ BwdParts lora_bwd_common(const char* op, const at::Tensor& grad, const at::Tenso
   p.g2 = check_bwd_args(op, grad, x, u, p.M, p.R, p.N);
   if (p.M > 0 && rank_bf16_applies(p.g2) && rank_bf16_takes(p.R)) {  // CPU only (checked there)
     // The same products on the bf16 rank-r kernels (rounded at the same points).
-    p.gBs = rank_gbs_bf16(p.g2, p.lora_B, scaling);
-    p.dB = rank_gt_u_bf16(p.g2, u.mul(scaling));
+    std::tie(p.gBs, p.dB) = rank_gbs_gt_u_bf16(p.g2, p.lora_B, u.mul(scaling), scaling);
   } else {
     p.gBs = at::mm(p.g2, p.lora_B).mul_(scaling);  // shared by all three gradients
     p.dB = at::mm(p.g2.t(), u.mul(scaling));

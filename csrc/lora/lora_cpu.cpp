@@ -61,10 +61,12 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
   const int64_t M = x2.size(0), K = x2.size(1), R = lora_A.size(0), N = lora_B.size(0);
   at::Tensor y = base_forward(x2, base, N, bias);
   const bool rank_kernels = M > 0 && rank_bf16_applies(x2);
+  const bool fused_expand = rank_kernels && rank_bf16_takes(R) && y.is_contiguous();
   at::Tensor u;
   if (rank_kernels) {
     const Dropout d = make_dropout(static_cast<uint64_t>(seed), dropout_p);
-    u = rank_shrink_bf16(x2, lora_A, dropout_p == 0.0 ? nullptr : &d);
+    const Dropout* dp = dropout_p == 0.0 ? nullptr : &d;
+    u = fused_expand ? rank_shrink_expand_bf16(x2, lora_A, dp, &y, &lora_B, scaling) : rank_shrink_bf16(x2, lora_A, dp);
   } else if (dropout_p == 0.0 || M == 0) {
     u = at::mm(x2, lora_A.t());
   } else {
@@ -103,9 +105,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
       });
     });
   }
-  if (rank_kernels && rank_bf16_takes(R) && y.is_contiguous()) {
-    rank_expand_bf16(y, u, lora_B, scaling);
-  } else if (M > 0) {
+  if (!fused_expand && M > 0) {
     y.addmm_(u, lora_B.t(), 1.0, scaling);
   }
   return {y.view(leading_shape_with(x, N)), u};

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "lora/cpu/rank_bf16.h"
@@ -42,39 +43,52 @@ bool rank_bf16_applies(const at::Tensor& x2) {
   return x2.is_cpu() && x2.scalar_type() == at::kBFloat16 && cpu::rank_bf16_supported();
 }
 
-at::Tensor rank_shrink_bf16(const at::Tensor& x2, const at::Tensor& A_in, const Dropout* d) {
-  const int64_t M = x2.size(0), K = x2.size(1), R = A_in.size(0);
+at::Tensor rank_shrink_bf16(const at::Tensor& x2, const at::Tensor& A, const Dropout* d) {
+  return rank_shrink_expand_bf16(x2, A, d, nullptr, nullptr, 0.0);
+}
+
+at::Tensor rank_shrink_expand_bf16(const at::Tensor& x2, const at::Tensor& A_in, const Dropout* d, at::Tensor* y2,
+                                   const at::Tensor* B, double s) {
+  const int64_t M = x2.size(0), K = x2.size(1), R = A_in.size(0), N = y2 != nullptr ? y2->size(1) : 0;
   const at::Tensor A = A_in.contiguous();
   at::Tensor u = at::empty({M, R}, x2.options());
   uint16_t* up = static_cast<uint16_t*>(u.data_ptr());
-  // Groups of 4 rows (the kernel's tile) per task.
+  std::vector<uint32_t> BTp;  // B^T as rank pairs
+  if (y2 != nullptr) {
+    const at::Tensor Bc = B->contiguous();
+    BTp.resize(static_cast<size_t>((R + 1) / 2 * N));
+    cpu::pack_rank_pairs_t_bf16(bf16_ptr(Bc), N, R, BTp.data());
+  }
+  uint16_t* yp = y2 != nullptr ? static_cast<uint16_t*>(y2->data_ptr()) : nullptr;
+  // Groups of 4 rows (the kernels' tile) per task; a task's expand reads only the u rows its own
+  // shrink wrote, so both run in one parallel region.
   at::parallel_for(0, (M + 3) / 4, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<uint16_t> buf(d != nullptr ? 4 * K : 0);
-    std::vector<uint64_t> bits(d != nullptr ? 4 * ((K + 63) / 64) : 0);
-    cpu::shrink_bf16(d, bf16_ptr(x2), g0 * 4, std::min(M, g1 * 4), K, bf16_ptr(A), R, buf.data(), bits.data(), up);
+    thread_local std::vector<uint16_t> buf_buf;
+    thread_local std::vector<uint64_t> bits_buf;
+    uint16_t* buf = d != nullptr ? scratch(buf_buf, static_cast<size_t>(4 * K)) : nullptr;
+    uint64_t* bits = d != nullptr ? scratch(bits_buf, static_cast<size_t>(4 * ((K + 63) / 64))) : nullptr;
+    const int64_t m0 = g0 * 4, m1 = std::min(M, g1 * 4);
+    cpu::shrink_bf16(d, bf16_ptr(x2), m0, m1, K, bf16_ptr(A), R, buf, bits, up);
+    if (yp != nullptr) cpu::expand_bf16(up, m0, m1, R, BTp.data(), N, static_cast<float>(s), yp);
   });
   return u;
 }
 
 bool rank_bf16_takes(int64_t rank) { return rank <= cpu::kMaxRank; }
 
-void rank_expand_bf16(at::Tensor& y2, const at::Tensor& u, const at::Tensor& B, double s) {
-  const int64_t M = y2.size(0), N = y2.size(1), R = u.size(1), P = (R + 1) / 2;
-  const at::Tensor Bc = B.contiguous();
-  const uint16_t* bp = bf16_ptr(Bc);
-  std::vector<uint32_t> BTp(P * N);  // B^T as rank pairs
-  cpu::pack_rank_pairs_t_bf16(bp, N, R, BTp.data());
-  uint16_t* yp = static_cast<uint16_t*>(y2.data_ptr());
-  at::parallel_for(0, (M + 3) / 4, 1, [&](int64_t g0, int64_t g1) {
-    cpu::expand_bf16(bf16_ptr(u), g0 * 4, std::min(M, g1 * 4), R, BTp.data(), N, static_cast<float>(s), yp);
-  });
-}
-
 namespace {
 
-// dA [R, K] fp32 = gBs^T xd ([K, R] if transposed), and dx += D^T(gBs A) where A and dx are given.
+// Where adjoint() also computes gBs = bf16(bf16(x B) s) (x = g): B [N, R] and the output.
+struct GbsFused {
+  const at::Tensor& B;
+  double s;
+  at::Tensor& gBs;
+};
+
+// dA [R, K] fp32 = gBs^T xd ([K, R] if transposed), and dx += D^T(gBs A) where A and dx are given;
+// with gf, gBs of x as well (see GbsFused).
 at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor* A, const Dropout* d,
-                   at::Tensor* dx, bool transposed = false) {
+                   at::Tensor* dx, bool transposed = false, const GbsFused* gf = nullptr) {
   const int64_t M = x2.size(0), K = x2.size(1), R = gBs.size(1), R2 = R + (R & 1), Mh = (M + 1) / 2;
   at::Tensor Ac;
   if (A != nullptr) Ac = A->contiguous();
@@ -90,16 +104,48 @@ at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor
   uint16_t* dxp = dx != nullptr ? static_cast<uint16_t*>(dx->data_ptr()) : nullptr;
   const uint16_t* ap = A != nullptr ? bf16_ptr(Ac) : nullptr;
   const int64_t cols = adjoint_cols(M, K);
+  // gBs's fp32 partial sums, one [M, 16] slice per thread (each thread's over its column chunks),
+  // added in thread order after the parallel region.
+  std::vector<uint32_t> Bp;
+  at::Tensor gacc;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  if (gf != nullptr) {
+    const at::Tensor B = gf->B.contiguous();
+    Bp.resize(static_cast<size_t>((K + 1) / 2 * 16));
+    cpu::pack_row_pairs_bf16(bf16_ptr(B), K, gf->B.size(1), Bp.data());
+    gacc = at::zeros({threads, M, 16}, x2.options().dtype(at::kFloat));
+  }
   at::parallel_for(0, (K + cols - 1) / cols, 1, [&](int64_t c0, int64_t c1) {
     thread_local std::vector<uint64_t> bits_buf;
     thread_local std::vector<Line> pk_buf;
     uint64_t* bits = scratch(bits_buf, static_cast<size_t>(M * ((cols + 63) / 64)));
     uint32_t* pk = reinterpret_cast<uint32_t*>(scratch(pk_buf, static_cast<size_t>((cols + 15) / 16 * Mh)));
+    cpu::GbsPartial part{};
+    if (gf != nullptr) {
+      const int64_t t = std::min<int64_t>(at::get_thread_num(), threads - 1);
+      part = cpu::GbsPartial{Bp.data(), gacc.data_ptr<float>() + t * M * 16};
+    }
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t k0 = c * cols, k1 = std::min(K, k0 + cols);
-      cpu::adjoint_bf16(d, bf16_ptr(x2), M, K, k0, k1, gp, gT.data(), ap, R, dAp, transposed, dxp, bits, pk);
+      cpu::adjoint_bf16(d, bf16_ptr(x2), M, K, k0, k1, gp, gT.data(), ap, R, dAp, transposed, dxp, bits, pk,
+                        gf != nullptr ? &part : nullptr);
     }
   });
+  if (gf != nullptr) {
+    // bf16(g B), then bf16(that * s): the two roundings of the BLAS path (mm, then mul_).
+    const int64_t Rb = gf->B.size(1);
+    gf->gBs = at::empty({M, Rb}, x2.options());
+    uint16_t* op = static_cast<uint16_t*>(gf->gBs.data_ptr());
+    const float* pa = gacc.data_ptr<float>();
+    const float s = static_cast<float>(gf->s);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t j = 0; j < Rb; ++j) {
+        float sum = pa[m * 16 + j];
+        for (int64_t t = 1; t < threads; ++t) sum += pa[(t * M + m) * 16 + j];
+        op[m * Rb + j] = bf16_from_float(to_float(bf16_from_float(sum)) * s).bits;
+      }
+    }
+  }
   return dA;
 }
 
@@ -110,22 +156,12 @@ at::Tensor rank_adjoint_bf16(const at::Tensor& x2, const at::Tensor& gBs, const 
   return adjoint(x2, gBs, &A, d, dx);
 }
 
-at::Tensor rank_gt_u_bf16(const at::Tensor& g2, const at::Tensor& u) {
-  return adjoint(g2, u, nullptr, nullptr, nullptr, /*transposed=*/true);
-}
-
-at::Tensor rank_gbs_bf16(const at::Tensor& g2, const at::Tensor& B_in, double s) {
-  const int64_t M = g2.size(0), N = g2.size(1), R = B_in.size(1), Q = (N + 1) / 2;
-  const at::Tensor B = B_in.contiguous();
-  const uint16_t* bp = bf16_ptr(B);
-  std::vector<uint32_t> Bp(Q * 16);  // rows of B in pairs, ranks as lanes
-  cpu::pack_row_pairs_bf16(bp, N, R, Bp.data());
-  at::Tensor gBs = at::empty({M, R}, g2.options());
-  uint16_t* op = static_cast<uint16_t*>(gBs.data_ptr());
-  at::parallel_for(0, (M + 3) / 4, 1, [&](int64_t g0, int64_t g1) {
-    cpu::gbs_bf16(bf16_ptr(g2), g0 * 4, std::min(M, g1 * 4), N, Bp.data(), R, static_cast<float>(s), op);
-  });
-  return gBs;
+std::pair<at::Tensor, at::Tensor> rank_gbs_gt_u_bf16(const at::Tensor& g2, const at::Tensor& B, const at::Tensor& us,
+                                                     double s) {
+  at::Tensor gBs;
+  const GbsFused gf{B, s, gBs};
+  at::Tensor dB = adjoint(g2, us, nullptr, nullptr, nullptr, /*transposed=*/true, &gf);
+  return {gBs, dB};
 }
 
 }  // namespace lora

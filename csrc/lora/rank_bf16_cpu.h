@@ -18,20 +18,20 @@ bool rank_bf16_takes(int64_t rank);
 // u = xd A^T [M, R] bf16, xd = x2 or dropout(x2) under d (may be null). A [R, K] bf16.
 at::Tensor rank_shrink_bf16(const at::Tensor& x2, const at::Tensor& A, const Dropout* d);
 
-// y2 += s u B^T in place (y2 [M, N] contiguous bf16, u [M, R] bf16, B [N, R] bf16).
-void rank_expand_bf16(at::Tensor& y2, const at::Tensor& u, const at::Tensor& B, double s);
+// The two together, u = xd A^T and y2 += s u B^T in place (R <= kMaxRank; y2 [M, N] contiguous
+// bf16, B [N, R] bf16), in one parallel region. Returns u.
+at::Tensor rank_shrink_expand_bf16(const at::Tensor& x2, const at::Tensor& A, const Dropout* d, at::Tensor* y2,
+                                   const at::Tensor* B, double s);
 
 // dA = gBs^T xd [R, K] in fp32, and dx += D^T(gBs A) in place if dx is given (contiguous bf16
 // [M, K]). gBs [M, R] bf16, A [R, K] bf16.
 at::Tensor rank_adjoint_bf16(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor& A, const Dropout* d,
                              at::Tensor* dx);
 
-// g^T u [N, R] in fp32 (g [M, N], u [M, R] bf16): the adjoint kernel without dropout and dx, its
-// output stored transposed.
-at::Tensor rank_gt_u_bf16(const at::Tensor& g2, const at::Tensor& u);
-
-// gBs = bf16(bf16(g B) s) [M, R] (g [M, N], B [N, R] bf16): the rounding of at::mm then mul_.
-at::Tensor rank_gbs_bf16(const at::Tensor& g2, const at::Tensor& B, double s);
+// One pass over g [M, N] for both products over it: gBs = bf16(bf16(g B) s) [M, R] bf16 (the
+// rounding of at::mm then mul_) and dB = g^T us [N, R] fp32 (us = s u [M, R] bf16). B [N, R] bf16.
+std::pair<at::Tensor, at::Tensor> rank_gbs_gt_u_bf16(const at::Tensor& g2, const at::Tensor& B, const at::Tensor& us,
+                                                     double s);
 
 }  // namespace lora
 }  // namespace peftx

@@ -57,9 +57,18 @@ constexpr int64_t kMaxAdjointCols = 512;
 // odd); gBsT: [(M + 1) / 2, R2] dwords, gBsT[i][j] = (gBs[2 i, j], gBs[2 i + 1, j]) (0 past M and R).
 // A [R, K] bf16 (may be null without dx). Scratch: bits, M * ((k1 - k0 + 63) / 64) words (used under
 // d); pk, 16 * ((k1 - k0 + 15) / 16) * ((M + 1) / 2) dwords.
+//
+// With gb (only without d and dx: the dB pass, x = g [M, N], gBs = s u), the same pass over g also
+// adds the chunk's share of g B: gb->acc[m * 16 + j] += sum_{k in [k0, k1)} g[m, k] B[k, j] (fp32,
+// 4 partial sums per row, as gbs_bf16), B read from gb->Bp (gbs_bf16's layout): gB without a second
+// read of g from memory.
+struct GbsPartial {
+  const uint32_t* Bp;  // [(N + 1) / 2, 16] dwords
+  float* acc;          // [M, 16] fp32
+};
 void adjoint_bf16(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k0, int64_t k1,
                   const uint16_t* gBs, const uint32_t* gBsT, const uint16_t* A, int64_t R, float* dA, bool dA_t,
-                  uint16_t* dx, uint64_t* bits, uint32_t* pk);
+                  uint16_t* dx, uint64_t* bits, uint32_t* pk, const GbsPartial* gb = nullptr);
 
 }  // namespace cpu
 }  // namespace lora

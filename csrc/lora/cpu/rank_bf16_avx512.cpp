@@ -104,10 +104,13 @@ PEFTX_AVX512BF16 void shrink_tile(const uint16_t* const* xr, int nrows, int64_t 
 // (rows K elements apart, a power-of-two stride for the usual K) maps all of a strip's lines to one
 // L1 set and a few L2 sets, so they were evicted before the next strip read the rest of the line.
 // ap: A's chunk as rank pairs, ap[g * P + i] lane l = (A[2 i, k0 + 16 g + l], A[2 i + 1, ...]).
-template <int P, bool kDrop, bool kDx>
+// With kGb (no dropout, no dx: the dB pass over g, x = g), each row's segment also adds its share of
+// g B into gpart->acc (see GbsPartial), read from L1 right after the packing loaded it.
+template <int P, bool kDrop, bool kDx, bool kGb = false>
 PEFTX_AVX512BF16 void adjoint_pack(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k0, int64_t k1,
                                    const uint64_t* bits, int64_t words, const uint16_t* gBs, const __m512bh* ap,
-                                   uint16_t* dx, uint32_t* pk) {
+                                   uint16_t* dx, uint32_t* pk, [[maybe_unused]] const GbsPartial* gpart = nullptr) {
+  static_assert(!kGb || (!kDrop && !kDx), "the g B partials ride on the plain packing pass");
   constexpr int64_t R2 = 2 * P;
   const int64_t groups = (k1 - k0 + 15) / 16, Mh = (M + 1) / 2;
   const __m512 scale = _mm512_set1_ps(kDrop ? d->scale : 1.0f);
@@ -133,10 +136,38 @@ PEFTX_AVX512BF16 void adjoint_pack(const Dropout* d, const uint16_t* x, int64_t 
         for (int i = 0; i < P; ++i) gb[r][i] = (__m512bh)_mm512_set1_epi32(static_cast<int>(g[i]));
       }
     }
+    // g B partial sums of the row pair (second row repeating the first when M is odd), kGbsSplit
+    // per row over interleaved column pairs.
+    __m512 gacc[2][kGb ? kGbsSplit : 1];
+    if constexpr (kGb) {
+#pragma GCC unroll 2
+      for (int r = 0; r < 2; ++r)
+#pragma GCC unroll 4
+        for (int c = 0; c < kGbsSplit; ++c) gacc[r][c] = _mm512_setzero_ps();
+    }
     for (int64_t gi = 0; gi < groups; ++gi) {
       const int64_t k = k0 + 16 * gi;
       const __mmask16 in = lanes16(k1 - k);
       __mmask16 keep[2] = {in, rows == 2 ? in : __mmask16{0}};
+      if constexpr (kGb) {
+        // The group's column pairs (k + 2 c, k + 2 c + 1) against B's row pairs Bp[k / 2 + c]; a last odd
+        // column (the matrix's end) pairs with 0, as Bp pairs B's last row with a zero row.
+        const int64_t kc = std::min<int64_t>(16, k1 - k);
+        const uint32_t* bq = gpart->Bp + 16 * (k / 2);
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; ++c) {
+          if (2 * c >= kc) break;
+          const __m512bh b = (__m512bh)_mm512_loadu_si512(bq + 16 * c);
+#pragma GCC unroll 2
+          for (int r = 0; r < 2; ++r) {
+            const uint16_t* gp = x + (m + (r < rows ? r : 0)) * K + k + 2 * c;
+            uint32_t pair = gp[0];
+            if (2 * c + 1 < kc) __builtin_memcpy(&pair, gp, sizeof(pair));
+            gacc[r][c % kGbsSplit] =
+                _mm512_dpbf16_ps(gacc[r][c % kGbsSplit], b, (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)));
+          }
+        }
+      }
       if constexpr (kDrop) {
 #pragma GCC unroll 2
         for (int r = 0; r < 2; ++r)
@@ -163,6 +194,15 @@ PEFTX_AVX512BF16 void adjoint_pack(const Dropout* d, const uint16_t* x, int64_t 
           const __m512 sum = _mm512_fmadd_ps(t, scale, load_bf16(dxr, keep[r]));
           _mm256_mask_storeu_epi16(dxr, keep[r], (__m256i)_mm512_cvtneps_pbh(sum));
         }
+      }
+    }
+    if constexpr (kGb) {
+#pragma GCC unroll 2
+      for (int r = 0; r < 2; ++r) {
+        if (r >= rows) break;
+        float* acc = gpart->acc + (m + r) * 16;
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(gacc[r][0], gacc[r][1]), _mm512_add_ps(gacc[r][2], gacc[r][3]));
+        _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_loadu_ps(acc), sum));
       }
     }
   }
@@ -236,7 +276,8 @@ PEFTX_AVX512BF16 void expand_tile(const uint32_t (*up)[8], int nrows, int64_t P,
 template <int P>
 PEFTX_AVX512BF16 void adjoint_cols(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k0, int64_t k1,
                                    const uint64_t* bits, int64_t words, const uint16_t* gBs, const uint32_t* gBsT,
-                                   const uint16_t* A, int64_t R, float* dA, bool dA_t, uint16_t* dx, uint32_t* pk) {
+                                   const uint16_t* A, int64_t R, float* dA, bool dA_t, uint16_t* dx, uint32_t* pk,
+                                   const GbsPartial* gb) {
   const int64_t groups = (k1 - k0 + 15) / 16, Mh = (M + 1) / 2;
   // A's chunk as rank pairs (only with dx): at most kMaxAdjointCols / 16 groups of P vectors.
   __m512bh ap[kMaxAdjointCols / 16 * P];
@@ -257,6 +298,8 @@ PEFTX_AVX512BF16 void adjoint_cols(const Dropout* d, const uint16_t* x, int64_t 
     adjoint_pack<P, true, false>(d, x, M, K, k0, k1, bits, words, gBs, ap, dx, pk);
   } else if (dx != nullptr) {
     adjoint_pack<P, false, true>(d, x, M, K, k0, k1, bits, words, gBs, ap, dx, pk);
+  } else if (gb != nullptr) {
+    adjoint_pack<P, false, false, true>(d, x, M, K, k0, k1, bits, words, gBs, ap, dx, pk, gb);
   } else {
     adjoint_pack<P, false, false>(d, x, M, K, k0, k1, bits, words, gBs, ap, dx, pk);
   }
@@ -428,18 +471,18 @@ PEFTX_AVX512BF16 void expand_bf16(const uint16_t* u, int64_t m0, int64_t m1, int
 
 void adjoint_bf16(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k0, int64_t k1,
                   const uint16_t* gBs, const uint32_t* gBsT, const uint16_t* A, int64_t R, float* dA, bool dA_t,
-                  uint16_t* dx, uint64_t* bits, uint32_t* pk) {
+                  uint16_t* dx, uint64_t* bits, uint32_t* pk, const GbsPartial* gb) {
   const int64_t words = (k1 - k0 + 63) / 64;
   if (d != nullptr) dropout_keep_bits(*d, static_cast<uint64_t>(k0), K, M, k1 - k0, bits);
   switch ((R + 1) / 2) {
-    case 1: return adjoint_cols<1>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk);
-    case 2: return adjoint_cols<2>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk);
-    case 3: return adjoint_cols<3>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk);
-    case 4: return adjoint_cols<4>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk);
-    case 5: return adjoint_cols<5>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk);
-    case 6: return adjoint_cols<6>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk);
-    case 7: return adjoint_cols<7>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk);
-    default: return adjoint_cols<8>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk);
+    case 1: return adjoint_cols<1>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk, gb);
+    case 2: return adjoint_cols<2>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk, gb);
+    case 3: return adjoint_cols<3>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk, gb);
+    case 4: return adjoint_cols<4>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk, gb);
+    case 5: return adjoint_cols<5>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk, gb);
+    case 6: return adjoint_cols<6>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk, gb);
+    case 7: return adjoint_cols<7>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk, gb);
+    default: return adjoint_cols<8>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk, gb);
   }
 }
 
