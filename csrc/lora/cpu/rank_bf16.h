@@ -35,16 +35,10 @@ void expand_bf16(const uint16_t* u, int64_t m0, int64_t m1, int64_t R, const uin
                  uint16_t* y);
 
 // The two layouts of B [N, R] bf16 (R <= kMaxRank) the kernels read:
-// Bp [(N + 1) / 2, 16] dwords, Bp[q][j] = (B[2 q, j], B[2 q + 1, j]) (0 past N and R), for gbs_bf16;
+// Bp [(N + 1) / 2, 16] dwords, Bp[q][j] = (B[2 q, j], B[2 q + 1, j]) (0 past N and R), for adjoint_bf16's g B;
 // BTp [(R + 1) / 2, N] dwords, BTp[i][n] = (B[n, 2 i], B[n, 2 i + 1]) (0 past R), for expand_bf16.
 void pack_row_pairs_bf16(const uint16_t* B, int64_t N, int64_t R, uint32_t* Bp);
 void pack_rank_pairs_t_bf16(const uint16_t* B, int64_t N, int64_t R, uint32_t* BTp);
-
-// gBs[m, j] = bf16(bf16(sum_n g[m, n] B[n, j]) * s) for the rows m in [m0, m1) of g [M, N] bf16,
-// R <= kMaxRank (gBs [M, R]); Bp: [(N + 1) / 2, 16] dwords, Bp[q][j] = (B[2 q, j], B[2 q + 1, j]) (0 past
-// N and R). Lanes over the ranks: no reductions, and B needs no transpose.
-void gbs_bf16(const uint16_t* g, int64_t m0, int64_t m1, int64_t N, const uint32_t* Bp, int64_t R, float s,
-              uint16_t* gBs);
 
 // The widest column chunk adjoint_bf16 takes.
 constexpr int64_t kMaxAdjointCols = 512;
@@ -60,7 +54,7 @@ constexpr int64_t kMaxAdjointCols = 512;
 //
 // With gb (only without d and dx: the dB pass, x = g [M, N], gBs = s u), the same pass over g also
 // adds the chunk's share of g B: gb->acc[m * 16 + j] += sum_{k in [k0, k1)} g[m, k] B[k, j] (fp32,
-// 4 partial sums per row, as gbs_bf16), B read from gb->Bp (gbs_bf16's layout): gB without a second
+// 4 partial sums per row), B read from gb->Bp (pack_row_pairs_bf16's layout): gB without a second
 // read of g from memory.
 struct GbsPartial {
   const uint32_t* Bp;  // [(N + 1) / 2, 16] dwords

@@ -12,9 +12,10 @@
 // gBs[m + 1, j]) broadcast, one accumulator per rank (R <= 16 registers for the whole strip). The mask
 // of the chunk's rows is drawn once into packed bits.
 //
-// gbs (s g B): lanes over the ranks, so B is read as pairs of rows (B[2 q, j], B[2 q + 1, j]) against
-// (g[m, 2 q], g[m, 2 q + 1]) broadcast: no transpose of B and no lane reductions (4 partial sums per row). expand (y += s u B^T):
-// lanes over the outputs, rank pairs of B^T against (u[m, 2 i], u[m, 2 i + 1]) broadcast.
+// g B (for gBs = s g B) rides on dB's packing pass over g: lanes over the ranks, so B is read as pairs
+// of rows (B[2 q, j], B[2 q + 1, j]) against (g[m, 2 q], g[m, 2 q + 1]) broadcast from the row segment
+// just loaded: no transpose of B and no lane reductions (4 partial sums per row, so the row's
+// vdpbf16ps do not chain on one accumulator's latency). expand (y += s u B^T): lanes over the outputs, rank pairs of B^T against (u[m, 2 i], u[m, 2 i + 1]) broadcast.
 //
 // Every loop over accumulators has a compile-time trip count and is unrolled (#pragma GCC unroll):
 // GCC otherwise keeps such arrays in memory, a store per vdpbf16ps.
@@ -36,7 +37,7 @@ namespace {
 using nf4::cpu::avx512::bf16_high;
 
 constexpr int kRows = 4;
-// Partial sums per row of gbs_bf16 (the sum below assumes 4).
+// Partial sums per row of the g B products in adjoint_pack (its final sum assumes 4).
 constexpr int kGbsSplit = 4;
 constexpr int64_t kPrefetchPairs = 2;
 
@@ -396,54 +397,6 @@ PEFTX_AVX512BF16 void pack_rank_pairs_t_bf16(const uint16_t* B, int64_t N, int64
         v = _mm512_load_si512(tmp);
       }
       _mm512_mask_storeu_epi32(BTp + i * N + n, in, v);
-    }
-  }
-}
-
-PEFTX_AVX512BF16 void gbs_bf16(const uint16_t* g, int64_t m0, int64_t m1, int64_t N, const uint32_t* Bp, int64_t R,
-                               float s, uint16_t* gBs) {
-  const int64_t full = N / 2;
-  const __mmask16 lanes = lanes16(R);
-  const __m512 sv = _mm512_set1_ps(s);
-  for (int64_t m = m0; m < m1; m += kRows) {
-    const int nrows = static_cast<int>(std::min<int64_t>(kRows, m1 - m));
-    const uint16_t* gr[kRows];
-#pragma GCC unroll 4
-    for (int i = 0; i < kRows; ++i) gr[i] = g + (m + (i < nrows ? i : 0)) * N;  // missing rows repeat row m
-    // kGbsSplit partial sums per row over interleaved column pairs: one accumulator per row would
-    // chain every vdpbf16ps of the row on the previous one's latency.
-    __m512 acc[kRows][kGbsSplit];
-#pragma GCC unroll 16
-    for (int i = 0; i < kRows; ++i)
-#pragma GCC unroll 4
-      for (int c = 0; c < kGbsSplit; ++c) acc[i][c] = _mm512_setzero_ps();
-    auto step = [&](int c, int64_t q) PEFTX_AVX512BF16 {
-      const __m512bh b = (__m512bh)_mm512_loadu_si512(Bp + 16 * q);
-#pragma GCC unroll 4
-      for (int i = 0; i < kRows; ++i) {
-        uint32_t pair;
-        __builtin_memcpy(&pair, gr[i] + 2 * q, sizeof(pair));
-        acc[i][c] = _mm512_dpbf16_ps(acc[i][c], b, (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)));
-      }
-    };
-    int64_t q = 0;
-    for (; q + kGbsSplit <= full; q += kGbsSplit)
-#pragma GCC unroll 4
-      for (int c = 0; c < kGbsSplit; ++c) step(c, q + c);
-    for (; q < full; ++q) step(0, q);
-    if (N % 2 != 0) {  // the last column, paired with a zero
-      const __m512bh b = (__m512bh)_mm512_loadu_si512(Bp + 16 * full);
-#pragma GCC unroll 4
-      for (int i = 0; i < kRows; ++i)
-        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], b, (__m512bh)_mm512_set1_epi32(static_cast<int>(gr[i][N - 1])));
-    }
-#pragma GCC unroll 4
-    for (int i = 0; i < kRows; ++i) {
-      if (i >= nrows) break;
-      const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3]));
-      // bf16(g B), then bf16(that * s): the two roundings of the BLAS path (mm, then mul_).
-      const __m512 gb = _mm512_castsi512_ps(_mm512_slli_epi32(bf16_low(sum), 16));
-      _mm256_mask_storeu_epi16(gBs + (m + i) * R, lanes, _mm512_cvtepi32_epi16(bf16_low(_mm512_mul_ps(gb, sv))));
     }
   }
 }
