@@ -118,7 +118,7 @@ at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor
   at::parallel_for(0, (K + cols - 1) / cols, 1, [&](int64_t c0, int64_t c1) {
     thread_local std::vector<uint64_t> bits_buf;
     thread_local std::vector<Line> pk_buf;
-    uint64_t* bits = scratch(bits_buf, static_cast<size_t>(M * ((cols + 63) / 64)));
+    uint64_t* bits = scratch(bits_buf, static_cast<size_t>(2 * ((cols + 63) / 64)));
     uint32_t* pk = reinterpret_cast<uint32_t*>(scratch(pk_buf, static_cast<size_t>((cols + 15) / 16 * Mh)));
     cpu::GbsPartial part{};
     if (gf != nullptr) {

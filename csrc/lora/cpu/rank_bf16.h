@@ -49,7 +49,7 @@ constexpr int64_t kMaxAdjointCols = 512;
 //   dx[m, k] = bf16(dx[m, k] + scale * sum_j gBs[m, j] A[j, k])  where keep, if dx is given.
 // R <= kMaxRank. gBs: [M, R2] bf16 with R2 = R rounded up to even (a zero column if R is
 // odd); gBsT: [(M + 1) / 2, R2] dwords, gBsT[i][j] = (gBs[2 i, j], gBs[2 i + 1, j]) (0 past M and R).
-// A [R, K] bf16 (may be null without dx). Scratch: bits, M * ((k1 - k0 + 63) / 64) words (used under
+// A [R, K] bf16 (may be null without dx). Scratch: bits, 2 * ((k1 - k0 + 63) / 64) words (used under
 // d); pk, 16 * ((k1 - k0 + 15) / 16) * ((M + 1) / 2) dwords.
 //
 // With gb (only without d and dx: the dB pass, x = g [M, N], gBs = s u), the same pass over g also

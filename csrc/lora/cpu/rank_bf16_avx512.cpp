@@ -10,7 +10,7 @@
 // A[2 i + 1, k]) against (gBs[m, 2 i], gBs[m, 2 i + 1]) broadcast. Then each 16-column strip of the
 // packed pairs gives dA, a sum over the rows: vdpbf16ps of a packed vector against (gBs[m, j],
 // gBs[m + 1, j]) broadcast, one accumulator per rank (R <= 16 registers for the whole strip). The mask
-// of the chunk's rows is drawn once into packed bits.
+// of each row pair is drawn into packed bits as the pass reaches it.
 //
 // g B (for gBs = s g B) rides on dB's packing pass over g: lanes over the ranks, so B is read as pairs
 // of rows (B[2 q, j], B[2 q + 1, j]) against (g[m, 2 q], g[m, 2 q + 1]) broadcast from the row segment
@@ -109,7 +109,7 @@ PEFTX_AVX512BF16 void shrink_tile(const uint16_t* const* xr, int nrows, int64_t 
 // g B into gpart->acc (see GbsPartial), read from L1 right after the packing loaded it.
 template <int P, bool kDrop, bool kDx, bool kGb = false>
 PEFTX_AVX512BF16 void adjoint_pack(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k0, int64_t k1,
-                                   const uint64_t* bits, int64_t words, const uint16_t* gBs, const __m512bh* ap,
+                                   uint64_t* bits, int64_t words, const uint16_t* gBs, const __m512bh* ap,
                                    uint16_t* dx, uint32_t* pk, [[maybe_unused]] const GbsPartial* gpart = nullptr) {
   static_assert(!kGb || (!kDrop && !kDx), "the g B partials ride on the plain packing pass");
   constexpr int64_t R2 = 2 * P;
@@ -126,6 +126,9 @@ PEFTX_AVX512BF16 void adjoint_pack(const Dropout* d, const uint16_t* x, int64_t 
         if constexpr (kDx) __builtin_prefetch(dx + r * K + k, 1);
       }
     }
+    // The row pair's keep bits, drawn here rather than for the whole chunk up front (a scratch of two
+    // rows, and the Philox work overlaps the loads in flight).
+    if constexpr (kDrop) dropout_keep_bits(*d, static_cast<uint64_t>(m * K + k0), K, rows, k1 - k0, bits);
     // (gBs[m + r, 2 i], gBs[m + r, 2 i + 1]) broadcast, for dx's term (the second row repeats the first
     // when M is odd; its stores are masked off).
     __m512bh gb[2][kDx ? P : 1];
@@ -172,7 +175,7 @@ PEFTX_AVX512BF16 void adjoint_pack(const Dropout* d, const uint16_t* x, int64_t 
       if constexpr (kDrop) {
 #pragma GCC unroll 2
         for (int r = 0; r < 2; ++r)
-          if (r < rows) keep[r] &= static_cast<__mmask16>(bits[(m + r) * words + (gi >> 2)] >> (16 * (gi & 3)));
+          if (r < rows) keep[r] &= static_cast<__mmask16>(bits[r * words + (gi >> 2)] >> (16 * (gi & 3)));
       }
       __m512i xd[2];
 #pragma GCC unroll 2
@@ -276,7 +279,7 @@ PEFTX_AVX512BF16 void expand_tile(const uint32_t (*up)[8], int nrows, int64_t P,
 
 template <int P>
 PEFTX_AVX512BF16 void adjoint_cols(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int64_t k0, int64_t k1,
-                                   const uint64_t* bits, int64_t words, const uint16_t* gBs, const uint32_t* gBsT,
+                                   uint64_t* bits, int64_t words, const uint16_t* gBs, const uint32_t* gBsT,
                                    const uint16_t* A, int64_t R, float* dA, bool dA_t, uint16_t* dx, uint32_t* pk,
                                    const GbsPartial* gb) {
   const int64_t groups = (k1 - k0 + 15) / 16, Mh = (M + 1) / 2;
@@ -426,7 +429,6 @@ void adjoint_bf16(const Dropout* d, const uint16_t* x, int64_t M, int64_t K, int
                   const uint16_t* gBs, const uint32_t* gBsT, const uint16_t* A, int64_t R, float* dA, bool dA_t,
                   uint16_t* dx, uint64_t* bits, uint32_t* pk, const GbsPartial* gb) {
   const int64_t words = (k1 - k0 + 63) / 64;
-  if (d != nullptr) dropout_keep_bits(*d, static_cast<uint64_t>(k0), K, M, k1 - k0, bits);
   switch ((R + 1) / 2) {
     case 1: return adjoint_cols<1>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk, gb);
     case 2: return adjoint_cols<2>(d, x, M, K, k0, k1, bits, words, gBs, gBsT, A, R, dA, dA_t, dx, pk, gb);
