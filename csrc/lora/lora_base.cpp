@@ -3,7 +3,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <tuple>
+#include <vector>
 
 #include "common/checks.h"
 #include "lora/dense_small_cpu.h"
@@ -78,13 +80,17 @@ BwdParts lora_bwd_common(const char* op, const at::Tensor& grad, const at::Tenso
                          double scaling, double dropout_p, bool need_dx, bool allow_double) {
   BwdParts p;
   p.x2 = check_lora_args(op, x, base, c10::nullopt, lora_A_in, lora_B_in, dropout_p, allow_double);
-  p.lora_A = lora_A_in.to(p.x2.scalar_type());
-  p.lora_B = lora_B_in.to(p.x2.scalar_type());
+  p.lora_A = adapter_as(lora_A_in, p.x2.scalar_type(), 0);
+  p.lora_B = adapter_as(lora_B_in, p.x2.scalar_type(), 1);
   p.M = p.x2.size(0);
   p.K = p.x2.size(1);
   p.R = p.lora_A.size(0);
   p.N = p.lora_B.size(0);
   p.g2 = check_bwd_args(op, grad, x, u, p.M, p.R, p.N);
+  // dx (the step's largest allocation, [M, K]) first: allocated after dB and dA, it tended to miss
+  // the hole the previous step's dx left in glibc's heap (dB had split it) and came from fresh,
+  // page-faulting memory every step.
+  p.dx = need_dx ? base_input_grad(p.g2, base, p.K) : at::empty({0}, p.x2.options());
   if (p.M > 0 && rank_bf16_applies(p.g2) && rank_bf16_takes(p.R)) {  // CPU only (checked there)
     // The same products on the bf16 rank-r kernels (rounded at the same points).
     std::tie(p.gBs, p.dB) = rank_gbs_gt_u_bf16(p.g2, p.lora_B, u.mul(scaling), scaling);
@@ -92,7 +98,6 @@ BwdParts lora_bwd_common(const char* op, const at::Tensor& grad, const at::Tenso
     p.gBs = at::mm(p.g2, p.lora_B).mul_(scaling);  // shared by all three gradients
     p.dB = at::mm(p.g2.t(), u.mul(scaling));
   }
-  p.dx = need_dx ? base_input_grad(p.g2, base, p.K) : at::empty({0}, p.x2.options());
   return p;
 }
 
@@ -164,6 +169,18 @@ at::Tensor base_input_grad(const at::Tensor& g2, const BaseWeight& base, int64_t
   }
   if (at::Tensor dx = dense_small_input_grad(g2, base.weight); dx.defined()) return dx;
   return at::mm(g2, base.weight);
+}
+
+at::Tensor adapter_as(const at::Tensor& t, at::ScalarType dt, int slot) {
+  if (t.scalar_type() == dt || !t.is_cpu()) return t.to(dt);
+  thread_local std::vector<std::max_align_t> buf[2];
+  auto& b = buf[slot];
+  const size_t words = (static_cast<size_t>(t.numel()) * c10::elementSize(dt) + sizeof(std::max_align_t) - 1) /
+                       sizeof(std::max_align_t);
+  if (b.size() < words) b.resize(words);
+  at::Tensor out = at::from_blob(b.data(), t.sizes(), t.options().dtype(dt));
+  out.copy_(t);
+  return out;
 }
 
 std::vector<int64_t> leading_shape_with(const at::Tensor& x, int64_t features) {

@@ -57,6 +57,13 @@ BwdParts lora_bwd_common(const char* op, const at::Tensor& grad, const at::Tenso
 // dA = gBs^T x and dx += gBs A (the dropout-free case, or M == 0).
 at::Tensor lora_bwd_no_dropout(BwdParts& p, bool need_dx);
 
+// An adapter weight in dtype dt for one op call: t itself where it already has dt (or is not on the
+// CPU: t.to(dt)), else a copy (torch's own conversion) in this thread's scratch slot (0 or 1), which
+// the next call on the thread overwrites. The copies of fp32 adapters for a bf16 step then reuse the
+// same memory instead of a fresh 128 KiB tensor each, whose allocations between the step's 4 MiB
+// ones fragmented glibc's heap so that y and dx came from fresh (page-faulting) memory each step.
+at::Tensor adapter_as(const at::Tensor& t, at::ScalarType dt, int slot);
+
 // Shape of the output for x [..., in] and `features` output columns.
 std::vector<int64_t> leading_shape_with(const at::Tensor& x, int64_t features);
 

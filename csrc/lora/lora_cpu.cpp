@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
   const BaseWeight base{weight, absmax, code, blocksize};
   // float64 (for gradcheck) is supported over a dense base.
   const at::Tensor x2 = check_lora_args(op, x, base, bias, lora_A_in, lora_B_in, dropout_p, !base.is_nf4());
-  const at::Tensor lora_A = lora_A_in.to(x2.scalar_type()), lora_B = lora_B_in.to(x2.scalar_type());
+  const at::Tensor lora_A = adapter_as(lora_A_in, x2.scalar_type(), 0), lora_B = adapter_as(lora_B_in, x2.scalar_type(), 1);
   const int64_t M = x2.size(0), K = x2.size(1), R = lora_A.size(0), N = lora_B.size(0);
   at::Tensor y = base_forward(x2, base, N, bias);
   const bool rank_kernels = M > 0 && rank_bf16_applies(x2);

@@ -25,8 +25,10 @@ int64_t adjoint_cols(int64_t M, int64_t K) {
   return std::min<int64_t>(cpu::kMaxAdjointCols, std::max<int64_t>(128, (std::min(by_cache, by_threads) + 15) / 16 * 16));
 }
 
-// Per-thread scratch that outlives the call (the OpenMP workers persist): a fresh buffer of this
-// size per call would be page-faulted in again every time.
+// Per-thread scratch that outlives the call (the calling thread's, and the OpenMP workers', which
+// persist): a fresh buffer of this size per call would be page-faulted in again every time, and
+// the calling thread's 16-256 KiB temporaries, allocated between a step's 4 MiB tensors, fragmented
+// glibc's heap (see adapter_as in lora_base.h).
 struct alignas(64) Line {
   uint32_t v[16];
 };
@@ -53,11 +55,12 @@ at::Tensor rank_shrink_expand_bf16(const at::Tensor& x2, const at::Tensor& A_in,
   const at::Tensor A = A_in.contiguous();
   at::Tensor u = at::empty({M, R}, x2.options());
   uint16_t* up = static_cast<uint16_t*>(u.data_ptr());
-  std::vector<uint32_t> BTp;  // B^T as rank pairs
+  thread_local std::vector<uint32_t> BTp_buf;  // B^T as rank pairs
+  uint32_t* BTp = nullptr;
   if (y2 != nullptr) {
     const at::Tensor Bc = B->contiguous();
-    BTp.resize(static_cast<size_t>((R + 1) / 2 * N));
-    cpu::pack_rank_pairs_t_bf16(bf16_ptr(Bc), N, R, BTp.data());
+    BTp = scratch(BTp_buf, static_cast<size_t>((R + 1) / 2 * N));
+    cpu::pack_rank_pairs_t_bf16(bf16_ptr(Bc), N, R, BTp);
   }
   uint16_t* yp = y2 != nullptr ? static_cast<uint16_t*>(y2->data_ptr()) : nullptr;
   // Groups of 4 rows (the kernels' tile) per task; a task's expand reads only the u rows its own
@@ -69,7 +72,7 @@ at::Tensor rank_shrink_expand_bf16(const at::Tensor& x2, const at::Tensor& A_in,
     uint64_t* bits = d != nullptr ? scratch(bits_buf, static_cast<size_t>(4 * ((K + 63) / 64))) : nullptr;
     const int64_t m0 = g0 * 4, m1 = std::min(M, g1 * 4);
     cpu::shrink_bf16(d, bf16_ptr(x2), m0, m1, K, bf16_ptr(A), R, buf, bits, up);
-    if (yp != nullptr) cpu::expand_bf16(up, m0, m1, R, BTp.data(), N, static_cast<float>(s), yp);
+    if (yp != nullptr) cpu::expand_bf16(up, m0, m1, R, BTp, N, static_cast<float>(s), yp);
   });
   return u;
 }
@@ -95,7 +98,9 @@ at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor
   // The kernel reads gBs's rows as rank pairs (a zero column for odd R) and its columns as row pairs.
   const at::Tensor g = R2 == R ? gBs.contiguous() : at::constant_pad_nd(gBs, {0, 1});
   const uint16_t* gp = bf16_ptr(g);
-  std::vector<uint32_t> gT(Mh * R2, 0u);
+  thread_local std::vector<uint32_t> gT_buf;
+  uint32_t* gT = scratch(gT_buf, static_cast<size_t>(Mh * R2));
+  std::fill(gT, gT + Mh * R2, 0u);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; j < R; ++j) gT[(m / 2) * R2 + j] |= static_cast<uint32_t>(gp[m * R2 + j]) << (16 * (m & 1));
   at::Tensor dA = transposed ? at::empty({K, R}, x2.options().dtype(at::kFloat))
@@ -106,14 +111,17 @@ at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor
   const int64_t cols = adjoint_cols(M, K);
   // gBs's fp32 partial sums, one [M, 16] slice per thread (each thread's over its column chunks),
   // added in thread order after the parallel region.
-  std::vector<uint32_t> Bp;
-  at::Tensor gacc;
+  thread_local std::vector<uint32_t> Bp_buf;
+  thread_local std::vector<float> gacc_buf;
+  uint32_t* Bp = nullptr;
+  float* gacc = nullptr;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   if (gf != nullptr) {
     const at::Tensor B = gf->B.contiguous();
-    Bp.resize(static_cast<size_t>((K + 1) / 2 * 16));
-    cpu::pack_row_pairs_bf16(bf16_ptr(B), K, gf->B.size(1), Bp.data());
-    gacc = at::zeros({threads, M, 16}, x2.options().dtype(at::kFloat));
+    Bp = scratch(Bp_buf, static_cast<size_t>((K + 1) / 2 * 16));
+    cpu::pack_row_pairs_bf16(bf16_ptr(B), K, gf->B.size(1), Bp);
+    gacc = scratch(gacc_buf, static_cast<size_t>(threads * M * 16));
+    std::fill(gacc, gacc + threads * M * 16, 0.0f);
   }
   at::parallel_for(0, (K + cols - 1) / cols, 1, [&](int64_t c0, int64_t c1) {
     thread_local std::vector<uint64_t> bits_buf;
@@ -123,11 +131,11 @@ at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor
     cpu::GbsPartial part{};
     if (gf != nullptr) {
       const int64_t t = std::min<int64_t>(at::get_thread_num(), threads - 1);
-      part = cpu::GbsPartial{Bp.data(), gacc.data_ptr<float>() + t * M * 16};
+      part = cpu::GbsPartial{Bp, gacc + t * M * 16};
     }
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t k0 = c * cols, k1 = std::min(K, k0 + cols);
-      cpu::adjoint_bf16(d, bf16_ptr(x2), M, K, k0, k1, gp, gT.data(), ap, R, dAp, transposed, dxp, bits, pk,
+      cpu::adjoint_bf16(d, bf16_ptr(x2), M, K, k0, k1, gp, gT, ap, R, dAp, transposed, dxp, bits, pk,
                         gf != nullptr ? &part : nullptr);
     }
   });
@@ -136,7 +144,7 @@ at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor
     const int64_t Rb = gf->B.size(1);
     gf->gBs = at::empty({M, Rb}, x2.options());
     uint16_t* op = static_cast<uint16_t*>(gf->gBs.data_ptr());
-    const float* pa = gacc.data_ptr<float>();
+    const float* pa = gacc;
     const float s = static_cast<float>(gf->s);
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t j = 0; j < Rb; ++j) {
