@@ -51,7 +51,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_archs", [] { return std::string(PEFTX_CUDA_ARCHS); },
         "The CUDA architectures this build targets (empty without CUDA).");
   m.def("cpu_features", &cpu_features, "Instruction set extensions of this CPU.");
-  m.def("lora_dropout_isa", [] { return std::string(peftx::lora::dropout_isa()); },
+  m.def("lora_dropout_isa", [] { return std::string(peftx::cpu_isa_name(peftx::lora::dropout_isa(peftx::cpu_isa()))); },
         "Instruction set of the CPU LoRA dropout-mask generator (PEFTX_CPU_ISA=scalar forces scalar).");
   m.def("lora_rank_bf16_supported", &peftx::lora::cpu::rank_bf16_supported,
         "Whether the LoRA ops run their bf16 rank-r products on the AVX-512 BF16 kernels now.");

@@ -249,20 +249,21 @@ PEFTX_AVX512 void dropout_rows_avx512(const Dropout& d, uint64_t e0, int64_t n, 
 
 }  // namespace
 
-const char* dropout_isa() { return cpu_isa() == CpuIsa::avx512 ? "avx512" : "scalar"; }
+CpuIsa dropout_isa(CpuIsa isa) { return isa == CpuIsa::avx512 ? CpuIsa::avx512 : CpuIsa::scalar; }
 
-void dropout_keep_bytes(const Dropout& d, uint64_t e0, int64_t n, uint8_t* keep) {
-  if (cpu_isa() == CpuIsa::avx512) {
+void dropout_keep_bytes(CpuIsa isa, const Dropout& d, uint64_t e0, int64_t n, uint8_t* keep) {
+  if (isa == CpuIsa::avx512) {
     keep_bytes_avx512(d, e0, n, keep);
   } else {
     keep_bytes_scalar(d, e0, n, keep);
   }
 }
 
-void dropout_keep_bits(const Dropout& d, uint64_t e0, int64_t row_stride, int64_t rows, int64_t n, uint64_t* words) {
+void dropout_keep_bits(CpuIsa isa, const Dropout& d, uint64_t e0, int64_t row_stride, int64_t rows, int64_t n,
+                       uint64_t* words) {
   const int64_t per_row = (n + 63) / 64;
   std::fill(words, words + rows * per_row, uint64_t{0});
-  const bool avx512 = cpu_isa() == CpuIsa::avx512;
+  const bool avx512 = isa == CpuIsa::avx512;
   for (int64_t r = 0; r < rows; ++r) {
     const uint64_t e = e0 + static_cast<uint64_t>(r * row_stride);
     if (avx512) {
@@ -273,9 +274,9 @@ void dropout_keep_bits(const Dropout& d, uint64_t e0, int64_t row_stride, int64_
   }
 }
 
-void dropout_rows(const Dropout& d, uint64_t e0, int64_t n, DropDt dt, const void* x, void* xd, const void* t,
-                  void* dx) {
-  if (cpu_isa() == CpuIsa::avx512) {
+void dropout_rows(CpuIsa isa, const Dropout& d, uint64_t e0, int64_t n, DropDt dt, const void* x, void* xd,
+                  const void* t, void* dx) {
+  if (isa == CpuIsa::avx512) {
     dropout_rows_avx512(d, e0, n, dt, x, xd, t, dx);
   } else {
     dropout_rows_scalar(d, e0, n, dt, x, xd, t, dx);

@@ -9,18 +9,23 @@
 
 #include <cstdint>
 
+#include "common/cpu_isa.h"
 #include "lora/lora_math.h"
 
 namespace peftx {
 namespace lora {
 
+// Each entry point takes the instruction set to run (isa == avx512: the AVX-512 code, anything else
+// the scalar code): callers resolve cpu_isa() once per op, not per row (it reads the environment).
+
 // keep[i] = dropout_keep(d.seed, d.threshold, e0 + i) for i in [0, n).
-void dropout_keep_bytes(const Dropout& d, uint64_t e0, int64_t n, uint8_t* keep);
+void dropout_keep_bytes(CpuIsa isa, const Dropout& d, uint64_t e0, int64_t n, uint8_t* keep);
 
 // The same mask packed, for n elements of each of `rows` rows row_stride apart: with W = (n + 63) / 64
 // words per row, bit i % 64 of words[r * W + i / 64] = dropout_keep(e0 + r * row_stride + i) for
 // i in [0, n) (all rows * W words are overwritten; bits past n are 0).
-void dropout_keep_bits(const Dropout& d, uint64_t e0, int64_t row_stride, int64_t rows, int64_t n, uint64_t* words);
+void dropout_keep_bits(CpuIsa isa, const Dropout& d, uint64_t e0, int64_t row_stride, int64_t rows, int64_t n,
+                       uint64_t* words);
 
 // Storage types of the elementwise passes (float64 stays on the callers' scalar loops).
 enum class DropDt { kF32, kBF16, kF16 };
@@ -29,12 +34,11 @@ enum class DropDt { kF32, kBF16, kF16 };
 //   xd[i] = keep_i ? round(float(x[i]) * d.scale) : 0
 //   if dx: dx[i] = keep_i ? round(float(dx[i]) + float(t[i]) * d.scale) : dx[i]
 // (x, xd, t, dx of type dt; t and dx both null or both given).
-void dropout_rows(const Dropout& d, uint64_t e0, int64_t n, DropDt dt, const void* x, void* xd, const void* t,
-                  void* dx);
+void dropout_rows(CpuIsa isa, const Dropout& d, uint64_t e0, int64_t n, DropDt dt, const void* x, void* xd,
+                  const void* t, void* dx);
 
-// The instruction set dropout_keep_bytes and dropout_rows use now: "avx512" or "scalar" (see
-// common/cpu_isa.h).
-const char* dropout_isa();
+// The instruction set the functions above run for isa: avx512 or scalar.
+CpuIsa dropout_isa(CpuIsa isa);
 
 }  // namespace lora
 }  // namespace peftx

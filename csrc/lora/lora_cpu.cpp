@@ -73,6 +73,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
     // u = dropout(x) A^T, row chunk by row chunk.
     u = at::empty({M, R}, x2.options());
     const Dropout d = make_dropout(static_cast<uint64_t>(seed), dropout_p);
+    const CpuIsa isa = cpu_isa();
     const int64_t rows = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(K, 1));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2.scalar_type(), op, [&] {
       [[maybe_unused]] const auto scale = keep_scale<scalar_t>(d, dropout_p);
@@ -91,12 +92,12 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
             for (int64_t m = m0; m < m0 + mc; ++m) {
               const scalar_t* xr = xp + m * K;
               scalar_t* out = xdp + (m - m0) * K;
-              dropout_keep_bytes(d, static_cast<uint64_t>(m * K), K, keep.data());
+              dropout_keep_bytes(isa, d, static_cast<uint64_t>(m * K), K, keep.data());
               for (int64_t i = 0; i < K; ++i) out[i] = keep[i] ? xr[i] * scale : 0.0;
             }
           } else {
             // The rows of the chunk are contiguous in x and in xd: one pass.
-            dropout_rows(d, static_cast<uint64_t>(m0 * K), mc * K, drop_dt<scalar_t>(), xp + m0 * K, xdp, nullptr,
+            dropout_rows(isa, d, static_cast<uint64_t>(m0 * K), mc * K, drop_dt<scalar_t>(), xp + m0 * K, xdp, nullptr,
                          nullptr);
           }
           at::Tensor u_rows = u.narrow(0, m0, mc);
@@ -133,6 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
     // Column chunks of x: dA[:, chunk] = gBs^T dropout(x)[:, chunk]; dx[:, chunk] += mask * (gBs A[:, chunk]).
     at::Tensor dAT = at::empty({K, R}, x2.options());
     const Dropout d = make_dropout(static_cast<uint64_t>(seed), dropout_p);
+    const CpuIsa isa = cpu_isa();
     const int64_t cols = std::min<int64_t>(K, std::max<int64_t>(16, kChunkElements / M));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x2.scalar_type(), op, [&] {
       using acc_t = opmath<scalar_t>;
@@ -165,10 +167,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
                   if (dn != nullptr) __builtin_prefetch(dn + b, 1);
                 }
               }
-              dropout_rows(d, static_cast<uint64_t>(m * K + k0), kc, drop_dt<scalar_t>(), xr, xdr, tr, dxr);
+              dropout_rows(isa, d, static_cast<uint64_t>(m * K + k0), kc, drop_dt<scalar_t>(), xr, xdr, tr, dxr);
               continue;
             }
-            dropout_keep_bytes(d, static_cast<uint64_t>(m * K + k0), kc, keep.data());
+            dropout_keep_bytes(isa, d, static_cast<uint64_t>(m * K + k0), kc, keep.data());
             for (int64_t i = 0; i < kc; ++i) xdr[i] = keep[i] ? static_cast<acc_t>(xr[i]) * scale : acc_t(0);
             if (dxr == nullptr) continue;
             for (int64_t i = 0; i < kc; ++i)

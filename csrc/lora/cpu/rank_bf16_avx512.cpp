@@ -128,7 +128,7 @@ PEFTX_AVX512BF16 void adjoint_pack(const Dropout* d, const uint16_t* x, int64_t 
     }
     // The row pair's keep bits, drawn here rather than for the whole chunk up front (a scratch of two
     // rows, and the Philox work overlaps the loads in flight).
-    if constexpr (kDrop) dropout_keep_bits(*d, static_cast<uint64_t>(m * K + k0), K, rows, k1 - k0, bits);
+    if constexpr (kDrop) dropout_keep_bits(CpuIsa::avx512, *d, static_cast<uint64_t>(m * K + k0), K, rows, k1 - k0, bits);
     // (gBs[m + r, 2 i], gBs[m + r, 2 i + 1]) broadcast, for dx's term (the second row repeats the first
     // when M is odd; its stores are masked off).
     __m512bh gb[2][kDx ? P : 1];
@@ -344,7 +344,7 @@ PEFTX_AVX512BF16 void shrink_bf16(const Dropout* d, const uint16_t* x, int64_t m
     const int nrows = static_cast<int>(std::min<int64_t>(kRows, m1 - m));
     const uint16_t* rows = x + m * K;
     if (d != nullptr) {
-      dropout_keep_bits(*d, static_cast<uint64_t>(m * K), K, nrows, K, bits);
+      dropout_keep_bits(CpuIsa::avx512, *d, static_cast<uint64_t>(m * K), K, nrows, K, bits);
       drop_rows_bf16(rows, nrows, K, bits, words, d->scale, buf);
       rows = buf;
     }
