@@ -93,7 +93,7 @@ BwdParts lora_bwd_common(const char* op, const at::Tensor& grad, const at::Tenso
   p.dx = need_dx ? base_input_grad(p.g2, base, p.K) : at::empty({0}, p.x2.options());
   if (p.M > 0 && rank_bf16_applies(p.g2) && rank_bf16_takes(p.R)) {  // CPU only (checked there)
     // The same products on the bf16 rank-r kernels (rounded at the same points).
-    std::tie(p.gBs, p.dB) = rank_gbs_gt_u_bf16(p.g2, p.lora_B, u.mul(scaling), scaling);
+    std::tie(p.gBs, p.dB) = rank_gbs_gt_u_bf16(p.g2, p.lora_B, u, scaling);
   } else {
     p.gBs = at::mm(p.g2, p.lora_B).mul_(scaling);  // shared by all three gradients
     p.dB = at::mm(p.g2.t(), u.mul(scaling));

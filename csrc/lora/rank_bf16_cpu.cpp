@@ -89,20 +89,22 @@ struct GbsFused {
 };
 
 // dA [R, K] fp32 = gBs^T xd ([K, R] if transposed), and dx += D^T(gBs A) where A and dx are given;
-// with gf, gBs of x as well (see GbsFused).
+// with gf (the dB pass: x = g, gBs = u), dB = g^T bf16(u s) and gBs of g as well (see GbsFused).
 at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor* A, const Dropout* d,
                    at::Tensor* dx, bool transposed = false, const GbsFused* gf = nullptr) {
   const int64_t M = x2.size(0), K = x2.size(1), R = gBs.size(1), R2 = R + (R & 1), Mh = (M + 1) / 2;
   at::Tensor Ac;
   if (A != nullptr) Ac = A->contiguous();
-  // The kernel reads gBs's rows as rank pairs (a zero column for odd R) and its columns as row pairs.
-  const at::Tensor g = R2 == R ? gBs.contiguous() : at::constant_pad_nd(gBs, {0, 1});
-  const uint16_t* gp = bf16_ptr(g);
+  // The kernel reads gBs's rows as rank pairs (a zero column for odd R; only for dx's term) and its
+  // columns as row pairs (gT; scaled by gf->s in the dB pass, whose gBs argument is u).
+  at::Tensor g;
+  if (dx != nullptr) g = R2 == R ? gBs.contiguous() : at::constant_pad_nd(gBs, {0, 1});
+  const uint16_t* gp = dx != nullptr ? bf16_ptr(g) : nullptr;
+  const at::Tensor gc = gBs.contiguous();
   thread_local std::vector<uint32_t> gT_buf;
   uint32_t* gT = scratch(gT_buf, static_cast<size_t>(Mh * R2));
-  std::fill(gT, gT + Mh * R2, 0u);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < R; ++j) gT[(m / 2) * R2 + j] |= static_cast<uint32_t>(gp[m * R2 + j]) << (16 * (m & 1));
+  const float us_scale = gf != nullptr ? static_cast<float>(gf->s) : 1.0f;
+  cpu::pack_row_pairs_t_bf16(bf16_ptr(gc), M, R, R, gf != nullptr ? &us_scale : nullptr, R2, gT);
   at::Tensor dA = transposed ? at::empty({K, R}, x2.options().dtype(at::kFloat))
                              : at::empty({R, K}, x2.options().dtype(at::kFloat));
   float* dAp = dA.data_ptr<float>();
@@ -140,19 +142,9 @@ at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor
     }
   });
   if (gf != nullptr) {
-    // bf16(g B), then bf16(that * s): the two roundings of the BLAS path (mm, then mul_).
-    const int64_t Rb = gf->B.size(1);
-    gf->gBs = at::empty({M, Rb}, x2.options());
-    uint16_t* op = static_cast<uint16_t*>(gf->gBs.data_ptr());
-    const float* pa = gacc;
-    const float s = static_cast<float>(gf->s);
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t j = 0; j < Rb; ++j) {
-        float sum = pa[m * 16 + j];
-        for (int64_t t = 1; t < threads; ++t) sum += pa[(t * M + m) * 16 + j];
-        op[m * Rb + j] = bf16_from_float(to_float(bf16_from_float(sum)) * s).bits;
-      }
-    }
+    gf->gBs = at::empty({M, gf->B.size(1)}, x2.options());
+    cpu::gbs_from_partials(gacc, threads, M, gf->B.size(1), static_cast<float>(gf->s),
+                           static_cast<uint16_t*>(gf->gBs.data_ptr()));
   }
   return dA;
 }
@@ -164,11 +156,11 @@ at::Tensor rank_adjoint_bf16(const at::Tensor& x2, const at::Tensor& gBs, const 
   return adjoint(x2, gBs, &A, d, dx);
 }
 
-std::pair<at::Tensor, at::Tensor> rank_gbs_gt_u_bf16(const at::Tensor& g2, const at::Tensor& B, const at::Tensor& us,
+std::pair<at::Tensor, at::Tensor> rank_gbs_gt_u_bf16(const at::Tensor& g2, const at::Tensor& B, const at::Tensor& u,
                                                      double s) {
   at::Tensor gBs;
   const GbsFused gf{B, s, gBs};
-  at::Tensor dB = adjoint(g2, us, nullptr, nullptr, nullptr, /*transposed=*/true, &gf);
+  at::Tensor dB = adjoint(g2, u, nullptr, nullptr, nullptr, /*transposed=*/true, &gf);
   return {gBs, dB};
 }
 

@@ -29,8 +29,9 @@ at::Tensor rank_adjoint_bf16(const at::Tensor& x2, const at::Tensor& gBs, const 
                              at::Tensor* dx);
 
 // One pass over g [M, N] for both products over it: gBs = bf16(bf16(g B) s) [M, R] bf16 (the
-// rounding of at::mm then mul_) and dB = g^T us [N, R] fp32 (us = s u [M, R] bf16). B [N, R] bf16.
-std::pair<at::Tensor, at::Tensor> rank_gbs_gt_u_bf16(const at::Tensor& g2, const at::Tensor& B, const at::Tensor& us,
+// rounding of at::mm then mul_) and dB = g^T bf16(u s) [N, R] fp32 (u [M, R] bf16, scaled as
+// u.mul(s) rounds). B [N, R] bf16.
+std::pair<at::Tensor, at::Tensor> rank_gbs_gt_u_bf16(const at::Tensor& g2, const at::Tensor& B, const at::Tensor& u,
                                                      double s);
 
 }  // namespace lora

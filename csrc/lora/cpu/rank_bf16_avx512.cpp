@@ -404,6 +404,33 @@ PEFTX_AVX512BF16 void pack_rank_pairs_t_bf16(const uint16_t* B, int64_t N, int64
   }
 }
 
+PEFTX_AVX512BF16 void pack_row_pairs_t_bf16(const uint16_t* g, int64_t M, int64_t ld, int64_t R, const float* scale,
+                                            int64_t R2, uint32_t* gT) {
+  const __mmask16 in = lanes16(R), out = lanes16(R2);
+  auto row = [&](int64_t m) PEFTX_AVX512BF16 {
+    if (m >= M) return _mm512_setzero_si512();
+    const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, g + m * ld));
+    if (scale == nullptr) return v;
+    // bf16(float(g) * scale): at::mul's rounding of a bf16 tensor times a scalar.
+    return bf16_low(_mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_set1_ps(*scale)));
+  };
+  for (int64_t h = 0; 2 * h < M; ++h)
+    _mm512_mask_storeu_epi32(gT + h * R2, out, _mm512_or_si512(row(2 * h), _mm512_slli_epi32(row(2 * h + 1), 16)));
+}
+
+PEFTX_AVX512BF16 void gbs_from_partials(const float* acc, int64_t parts, int64_t M, int64_t R, float s,
+                                        uint16_t* gBs) {
+  const __mmask16 lanes = lanes16(R);
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int64_t m = 0; m < M; ++m) {
+    __m512 sum = _mm512_loadu_ps(acc + m * 16);
+    for (int64_t t = 1; t < parts; ++t) sum = _mm512_add_ps(sum, _mm512_loadu_ps(acc + (t * M + m) * 16));
+    // bf16(g B), then bf16(that * s): the two roundings of the BLAS path (mm, then mul_).
+    const __m512 gb = _mm512_castsi512_ps(_mm512_slli_epi32(bf16_low(sum), 16));
+    _mm256_mask_storeu_epi16(gBs + m * R, lanes, _mm512_cvtepi32_epi16(bf16_low(_mm512_mul_ps(gb, sv))));
+  }
+}
+
 PEFTX_AVX512BF16 void expand_bf16(const uint16_t* u, int64_t m0, int64_t m1, int64_t R, const uint32_t* BTp,
                                   int64_t N, float s, uint16_t* y) {
   const int64_t P = (R + 1) / 2;
