@@ -85,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
         const at::ThreadLocalStateGuard tls_guard(tls);
         for (int64_t m0 = b0; m0 < b1; m0 += rows) {
           const int64_t mc = std::min(rows, b1 - m0);
-          at::Tensor xd = at::empty({mc, K}, x2.options());
+          at::Tensor xd = thread_scratch(kChunkSlot, {mc, K}, x2.options());
           scalar_t* xdp = xd.data_ptr<scalar_t>();
           if constexpr (std::is_same_v<scalar_t, double>) {
             std::vector<uint8_t> keep(K);
@@ -146,8 +146,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
         const at::ThreadLocalStateGuard tls_guard(tls);
         for (int64_t k0 = b0; k0 < b1; k0 += cols) {
           const int64_t kc = std::min(cols, b1 - k0);
-          at::Tensor xd = at::empty({M, kc}, x2.options());
-          at::Tensor t = need_dx ? at::mm(gBs, lora_A.narrow(1, k0, kc)) : at::Tensor();
+          at::Tensor xd = thread_scratch(kChunkSlot, {M, kc}, x2.options());
+          at::Tensor t;
+          if (need_dx) {
+            t = thread_scratch(kChunkSlot2, {M, kc}, x2.options());
+            at::mm_out(t, gBs, lora_A.narrow(1, k0, kc));
+          }
           scalar_t* xdp = xd.data_ptr<scalar_t>();
           const scalar_t* tp = need_dx ? t.const_data_ptr<scalar_t>() : nullptr;
           std::vector<uint8_t> keep(std::is_same_v<scalar_t, double> ? kc : 0);
