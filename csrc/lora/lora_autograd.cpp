@@ -36,10 +36,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     ctx->mark_non_differentiable({u});
     ctx->save_for_backward({x, u, weight, absmax.value_or(at::Tensor()), code.value_or(at::Tensor()), lora_A,
                             lora_B});
-    ctx->saved_data["blocksize"] = blocksize;
-    ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["seed"] = seed;
+    save_bwd_scalars(ctx, blocksize, scaling, dropout_p, seed);
     // Edge index of each argument (kX .. kSeed): needs_input_grad takes these.
     ctx->saved_data["edge"] = edge_indices(
         {true, true, present(absmax), present(code), false, present(bias), true, true, false, false, false});
@@ -47,7 +44,6 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("peftx::lora_linear_bwd", "").typed<LoraBwdSig>();
     variable_list out(kArgs);
     const at::Tensor& grad_y = grads[0];
     if (!grad_y.defined()) return out;
@@ -57,9 +53,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     const at::Tensor &x = saved[0], &u = saved[1], &weight = saved[2], &lora_A = saved[5], &lora_B = saved[6];
     const c10::optional<at::Tensor> absmax = optional_of(saved[3]), code = optional_of(saved[4]);
     const at::Tensor g = grad_y.contiguous();
-    auto [dx, dA, dB] = op.call(g, x, u, weight, absmax, code, ctx->saved_data["blocksize"].toInt(), lora_A, lora_B,
-                                ctx->saved_data["scaling"].toDouble(), ctx->saved_data["dropout_p"].toDouble(),
-                                ctx->saved_data["seed"].toSymInt(), need(kX));
+    auto [dx, dA, dB] = call_lora_bwd(ctx, g, x, u, weight, absmax, code, lora_A, lora_B, need(kX));
     if (need(kX)) out[kX] = dx;
     if (need(kA)) out[kA] = dA;
     if (need(kB)) out[kB] = dB;

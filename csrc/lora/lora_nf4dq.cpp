@@ -78,11 +78,8 @@ struct LoraLinearNF4DQFunction : public torch::autograd::Function<LoraLinearNF4D
                           bias, lora_A, lora_B, scaling, dropout_p, seed);
     ctx->mark_non_differentiable({u});
     ctx->save_for_backward({x, u, packed, qabsmax, nested_absmax, nested_code, offset, code, lora_A, lora_B});
-    ctx->saved_data["blocksize"] = blocksize;
+    save_bwd_scalars(ctx, blocksize, scaling, dropout_p, seed);
     ctx->saved_data["nested_blocksize"] = nested_blocksize;
-    ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["seed"] = seed;
     // Edge index of each argument (kX .. kSeed): needs_input_grad takes these.
     ctx->saved_data["edge"] = edge_indices({true, true, true, true, true, true, true, false, false, present(bias), true,
                                             true, false, false, false});
@@ -90,7 +87,6 @@ struct LoraLinearNF4DQFunction : public torch::autograd::Function<LoraLinearNF4D
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("peftx::lora_linear_bwd", "").typed<LoraBwdSig>();
     variable_list out(kArgs);
     const at::Tensor& grad_y = grads[0];
     if (!grad_y.defined()) return out;
@@ -99,9 +95,7 @@ struct LoraLinearNF4DQFunction : public torch::autograd::Function<LoraLinearNF4D
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor absmax = decoded_absmax(s[3], s[4], s[5], s[6], ctx->saved_data["nested_blocksize"].toInt());
     const at::Tensor g = grad_y.contiguous();
-    auto [dx, dA, dB] = op.call(g, s[0], s[1], s[2], absmax, s[7], ctx->saved_data["blocksize"].toInt(), s[8], s[9],
-                                ctx->saved_data["scaling"].toDouble(), ctx->saved_data["dropout_p"].toDouble(),
-                                ctx->saved_data["seed"].toSymInt(), need(kX));
+    auto [dx, dA, dB] = call_lora_bwd(ctx, g, s[0], s[1], s[2], absmax, s[7], s[8], s[9], need(kX));
     if (need(kX)) out[kX] = dx;
     if (need(kA)) out[kA] = dA;
     if (need(kB)) out[kB] = dB;
