@@ -104,7 +104,7 @@ at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor
   thread_local std::vector<uint32_t> gT_buf;
   uint32_t* gT = scratch(gT_buf, static_cast<size_t>(Mh * R2));
   const float us_scale = gf != nullptr ? static_cast<float>(gf->s) : 1.0f;
-  cpu::pack_row_pairs_t_bf16(bf16_ptr(gc), M, R, R, gf != nullptr ? &us_scale : nullptr, R2, gT);
+  cpu::pack_row_pairs_t_bf16(bf16_ptr(gc), M, R, gf != nullptr ? &us_scale : nullptr, R2, gT);
   at::Tensor dA = transposed ? at::empty({K, R}, x2.options().dtype(at::kFloat))
                              : at::empty({R, K}, x2.options().dtype(at::kFloat));
   float* dAp = dA.data_ptr<float>();

@@ -41,9 +41,8 @@ void pack_row_pairs_bf16(const uint16_t* B, int64_t N, int64_t R, uint32_t* Bp);
 void pack_rank_pairs_t_bf16(const uint16_t* B, int64_t N, int64_t R, uint32_t* BTp);
 
 // gT [(M + 1) / 2, R2] dwords, gT[h][j] = (gs[2 h, j], gs[2 h + 1, j]) for j < R (0 past M and for j in
-// [R, R2)), gs = g [M, ld] bf16, or bf16(float(g) * *scale) where scale is given. R <= R2 <= 16.
-void pack_row_pairs_t_bf16(const uint16_t* g, int64_t M, int64_t ld, int64_t R, const float* scale, int64_t R2,
-                           uint32_t* gT);
+// [R, R2)), gs = g [M, R] bf16, or bf16(float(g) * *scale) where scale is given. R <= R2 <= 16.
+void pack_row_pairs_t_bf16(const uint16_t* g, int64_t M, int64_t R, const float* scale, int64_t R2, uint32_t* gT);
 
 // gBs[m, j] = bf16(bf16(sum_t acc[t][m][j]) * s) for the `parts` fp32 partials acc [parts, M, 16] of
 // adjoint_bf16's g B (summed in t order). gBs [M, R].

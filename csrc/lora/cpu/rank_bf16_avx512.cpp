@@ -404,12 +404,12 @@ PEFTX_AVX512BF16 void pack_rank_pairs_t_bf16(const uint16_t* B, int64_t N, int64
   }
 }
 
-PEFTX_AVX512BF16 void pack_row_pairs_t_bf16(const uint16_t* g, int64_t M, int64_t ld, int64_t R, const float* scale,
-                                            int64_t R2, uint32_t* gT) {
+PEFTX_AVX512BF16 void pack_row_pairs_t_bf16(const uint16_t* g, int64_t M, int64_t R, const float* scale, int64_t R2,
+                                            uint32_t* gT) {
   const __mmask16 in = lanes16(R), out = lanes16(R2);
   auto row = [&](int64_t m) PEFTX_AVX512BF16 {
     if (m >= M) return _mm512_setzero_si512();
-    const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, g + m * ld));
+    const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, g + m * R));
     if (scale == nullptr) return v;
     // bf16(float(g) * scale): at::mul's rounding of a bf16 tensor times a scalar.
     return bf16_low(_mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_set1_ps(*scale)));
