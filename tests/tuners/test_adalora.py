@@ -34,6 +34,20 @@ def _strip(pattern, adapter="default"):
     return {k.removesuffix(f".{adapter}"): v for k, v in pattern.items()}
 
 
+def _check_save_load(pm, model, inputs, tmp_path):
+    """The file holds only the kept triplets (rank_pattern), so the reloaded model sums over fewer
+    ranks than the trained one, whose pruned triplets are zero: equal up to the summation order over
+    r, and bit for bit once the trained model is shrunk the same way."""
+    pm.eval()
+    trained = logits(pm, inputs)
+    pm.save_pretrained(tmp_path)
+    back = peftx.PeftModel.from_pretrained(twin(model), tmp_path)
+    torch.testing.assert_close(logits(back, inputs), trained, atol=1e-6, rtol=1e-6)
+    pm.base_model.before_loading_tensors("default")
+    assert any(m.adapters["default"].r < SCHEDULE["init_r"] for m in pm.modules() if isinstance(m, AdaLoraLinear))
+    torch.testing.assert_close(logits(back, inputs), logits(pm, inputs), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_adalora_keeps_the_method_promises(kind, tmp_path):
     model, inputs, task = make(kind)
@@ -43,7 +57,7 @@ def test_adalora_keeps_the_method_promises(kind, tmp_path):
                                                 on_step=pm.base_model.update_and_allocate)
     pattern = pm.peft_config["default"].rank_pattern
     assert pattern and not all(all(v) for v in pattern.values()), "the schedule masked nothing"
-    mc.check_save_load_exact(pm, model, inputs, tmp_path)
+    _check_save_load(pm, model, inputs, tmp_path)
     mc.check_merge_matches(pm, inputs)
     mc.check_trainable_params_equal_hf(model, AdaLoraConfig(task_type=task, **SCHEDULE),
                                        peft.AdaLoraConfig(task_type=task, **SCHEDULE))
