@@ -24,6 +24,7 @@
 #include "lora/cpu/rank_bf16.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "common/cpu_isa.h"
 #include "lora/dropout_cpu.h"
@@ -100,7 +101,9 @@ PEFTX_AVX512BF16 void shrink_tile(const uint16_t* const* xr, int nrows, int64_t 
 
 // The row-wise pass of adjoint_bf16 over its column chunk [k0, k1): for each row pair (m, m + 1),
 // xd of the two rows (bf16, 0 where dropped) interleaved into dword pairs, 16 columns per vector, to
-// pk[g][m / 2] (g = the 16-column group), and, with dx, dx's LoRA term added into both rows. Each row's
+// pk[m / 2][g] (g = the 16-column group; a row pair's vectors are contiguous, so the pass stores
+// sequentially: the [g][m / 2] order put its consecutive stores Mh lines apart, all in one L1 set),
+// and, with dx, dx's LoRA term added into both rows. Each row's
 // segment of x and dx is read once, front to back: walking a 16-column strip down the rows instead
 // (rows K elements apart, a power-of-two stride for the usual K) maps all of a strip's lines to one
 // L1 set and a few L2 sets, so they were evicted before the next strip read the rest of the line.
@@ -118,14 +121,6 @@ PEFTX_AVX512BF16 void adjoint_pack(const Dropout* d, const uint16_t* x, int64_t 
   for (int64_t h = 0; h < Mh; ++h) {
     const int64_t m = 2 * h;
     const int rows = m + 1 < M ? 2 : 1;
-    // The rows' segments are short runs K apart, which the hardware prefetchers do not run ahead of:
-    // fetch those of the row pair kPrefetchPairs ahead.
-    for (int64_t r = m + 2 * kPrefetchPairs; r < std::min(M, m + 2 * kPrefetchPairs + 2); ++r) {
-      for (int64_t k = k0; k < k1; k += 32) {
-        __builtin_prefetch(x + r * K + k);
-        if constexpr (kDx) __builtin_prefetch(dx + r * K + k, 1);
-      }
-    }
     // The row pair's keep bits, drawn here rather than for the whole chunk up front (a scratch of two
     // rows, and the Philox work overlaps the loads in flight).
     if constexpr (kDrop) dropout_keep_bits(CpuIsa::avx512, *d, static_cast<uint64_t>(m * K + k0), K, rows, k1 - k0, bits);
@@ -153,6 +148,15 @@ PEFTX_AVX512BF16 void adjoint_pack(const Dropout* d, const uint16_t* x, int64_t 
       const int64_t k = k0 + 16 * gi;
       const __mmask16 in = lanes16(k1 - k);
       __mmask16 keep[2] = {in, rows == 2 ? in : __mmask16{0}};
+      {
+        // The rows' segments are short runs K apart, which the hardware prefetchers do not run ahead
+        // of: fetch those of the row pair kPrefetchPairs ahead, one 64-byte line (two groups' columns)
+        // per group, alternating between its two rows, so the pair's lines arrive over this pair's
+        // pass (a burst of all of them up front left this pair's loads queued behind it).
+        const int64_t at = std::min(M - 1, m + 2 * kPrefetchPairs + (gi & 1)) * K + k0 + 32 * (gi >> 1);
+        __builtin_prefetch(x + at);
+        if constexpr (kDx) __builtin_prefetch(dx + at, 1);
+      }
       if constexpr (kGb) {
         // The group's column pairs (k + 2 c, k + 2 c + 1) against B's row pairs Bp[k / 2 + c]; a last odd
         // column (the matrix's end) pairs with 0, as Bp pairs B's last row with a zero row.
@@ -187,13 +191,16 @@ PEFTX_AVX512BF16 void adjoint_pack(const Dropout* d, const uint16_t* x, int64_t 
           xd[r] = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep[r], xr));
         }
       }
-      _mm512_storeu_si512(pk + (gi * Mh + h) * 16, _mm512_or_si512(xd[0], _mm512_slli_epi32(xd[1], 16)));
+      _mm512_storeu_si512(pk + (h * groups + gi) * 16, _mm512_or_si512(xd[0], _mm512_slli_epi32(xd[1], 16)));
       if constexpr (kDx) {
 #pragma GCC unroll 2
         for (int r = 0; r < 2; ++r) {
-          __m512 t = _mm512_setzero_ps();
+          // Two partial sums (even and odd rank pairs): a chain of P dependent vdpbf16ps per group
+          // would leave the FMA pipes waiting on its latency.
+          __m512 t2[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
 #pragma GCC unroll 16
-          for (int i = 0; i < P; ++i) t = _mm512_dpbf16_ps(t, ap[gi * P + i], gb[r][i]);
+          for (int i = 0; i < P; ++i) t2[i & 1] = _mm512_dpbf16_ps(t2[i & 1], ap[gi * P + i], gb[r][i]);
+          const __m512 t = _mm512_add_ps(t2[0], t2[1]);
           uint16_t* dxr = dx + (m + r) * K + k;
           const __m512 sum = _mm512_fmadd_ps(t, scale, load_bf16(dxr, keep[r]));
           _mm256_mask_storeu_epi16(dxr, keep[r], (__m256i)_mm512_cvtneps_pbh(sum));
@@ -212,17 +219,17 @@ PEFTX_AVX512BF16 void adjoint_pack(const Dropout* d, const uint16_t* x, int64_t 
   }
 }
 
-// dA of the 16 columns at k (lanes `in`) from their packed row pairs pk [Mh][16]:
+// dA of the 16 columns at k (lanes `in`) from their packed row pairs, pk[h * stride] for h < Mh:
 // acc[j] = sum over row pairs of (xd[m, k + l], xd[m + 1, k + l]) . (gBs[m, j], gBs[m + 1, j]).
 template <int P>
-PEFTX_AVX512BF16 void adjoint_strip(const uint32_t* pk, int64_t Mh, const uint32_t* gBsT, int64_t R, int64_t K,
-                                    int64_t k, __mmask16 in, float* dA, bool dA_t) {
+PEFTX_AVX512BF16 void adjoint_strip(const uint32_t* pk, int64_t stride, int64_t Mh, const uint32_t* gBsT, int64_t R,
+                                    int64_t K, int64_t k, __mmask16 in, float* dA, bool dA_t) {
   constexpr int64_t R2 = 2 * P;
   __m512 acc[2 * P];
 #pragma GCC unroll 16
   for (int j = 0; j < 2 * P; ++j) acc[j] = _mm512_setzero_ps();
   for (int64_t h = 0; h < Mh; ++h) {
-    const __m512bh xp = (__m512bh)_mm512_loadu_si512(pk + h * 16);
+    const __m512bh xp = (__m512bh)_mm512_loadu_si512(pk + h * stride);
     const uint32_t* gT = gBsT + h * R2;
 #pragma GCC unroll 16
     for (int j = 0; j < 2 * P; ++j)
@@ -246,7 +253,14 @@ PEFTX_AVX512BF16 void adjoint_strip(const uint32_t* pk, int64_t Mh, const uint32
 // takes the lanes `tail`.
 template <int NV>
 PEFTX_AVX512BF16 void expand_tile(const uint32_t (*up)[8], int nrows, int64_t P, const uint32_t* BTp, int64_t N,
-                                  int64_t n, __mmask16 tail, __m512 sv, uint16_t* y) {
+                                  int64_t n, __mmask16 tail, __m512 sv, uint16_t* y, uint16_t* pf = nullptr) {
+  if (pf != nullptr) {
+#pragma GCC unroll 4
+    for (int i = 0; i < kRows; ++i) {
+      __builtin_prefetch(pf + i * N + n, 1);
+      __builtin_prefetch(pf + i * N + n + 32, 1);
+    }
+  }
   __m512 acc[kRows][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i)
@@ -309,7 +323,7 @@ PEFTX_AVX512BF16 void adjoint_cols(const Dropout* d, const uint16_t* x, int64_t 
   }
   for (int64_t gi = 0; gi < groups; ++gi) {
     const int64_t k = k0 + 16 * gi;
-    adjoint_strip<P>(pk + gi * Mh * 16, Mh, gBsT, R, K, k, lanes16(k1 - k), dA, dA_t);
+    adjoint_strip<P>(pk + gi * 16, groups * 16, Mh, gBsT, R, K, k, lanes16(k1 - k), dA, dA_t);
   }
 }
 
@@ -373,33 +387,16 @@ PEFTX_AVX512BF16 void pack_row_pairs_bf16(const uint16_t* B, int64_t N, int64_t 
   }
 }
 
-PEFTX_AVX512BF16 void pack_rank_pairs_t_bf16(const uint16_t* B, int64_t N, int64_t R, uint32_t* BTp) {
+void pack_rank_pairs_t_bf16(const uint16_t* B, int64_t N, int64_t R, uint32_t* BTp) {
+  // A [N, P] -> [P, N] transpose of B's rank pairs, B read in order (16-lane gathers of rows 32 bytes
+  // apart took 1.5x as long).
   const int64_t P = (R + 1) / 2;
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const int* base = reinterpret_cast<const int*>(B);  // B's row n starts at dword n R / 2 (R even)
-  for (int64_t n = 0; n < N; n += 16) {
-    const __mmask16 in = lanes16(N - n);
+  for (int64_t n = 0; n < N; ++n) {
+    const uint16_t* b = B + n * R;
     for (int64_t i = 0; i < P; ++i) {
-      __m512i v;
-      if (R % 2 == 0) {
-        // dword (n + l) R / 2 + i of B: the pair (B[n + l, 2 i], B[n + l, 2 i + 1]).
-        const __m512i idx = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(n))),
-                                                                _mm512_set1_epi32(static_cast<int>(R / 2))),
-                                             _mm512_set1_epi32(static_cast<int>(i)));
-        v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), in, idx, base, 4);
-      } else {
-        // Odd R: rows are not dword aligned; gather the two words (the last rank's partner is 0).
-        const uint16_t* w = B;
-        alignas(64) uint32_t tmp[16];
-        for (int l = 0; l < 16; ++l) {
-          const int64_t r = n + l;
-          tmp[l] = r < N ? static_cast<uint32_t>(w[r * R + 2 * i]) |
-                               (2 * i + 1 < R ? static_cast<uint32_t>(w[r * R + 2 * i + 1]) << 16 : 0u)
-                         : 0u;
-        }
-        v = _mm512_load_si512(tmp);
-      }
-      _mm512_mask_storeu_epi32(BTp + i * N + n, in, v);
+      uint32_t pair = b[2 * i];  // odd R: the last rank pairs with 0
+      if (2 * i + 1 < R) std::memcpy(&pair, b + 2 * i, sizeof(pair));
+      BTp[i * N + n] = pair;
     }
   }
 }
@@ -447,7 +444,10 @@ PEFTX_AVX512BF16 void expand_bf16(const uint16_t* u, int64_t m0, int64_t m1, int
     }
     uint16_t* yr = y + m * N;
     int64_t n = 0;
-    for (; n + 64 <= N; n += 64) expand_tile<4>(up, nrows, P, BTp, N, n, 0xFFFF, sv, yr);
+    // The next row group's y, a tile's lines at a time (rows N apart: the hardware prefetchers
+    // would start on each row only once its loads missed).
+    uint16_t* pf = m + 2 * kRows <= m1 ? yr + kRows * N : nullptr;
+    for (; n + 64 <= N; n += 64) expand_tile<4>(up, nrows, P, BTp, N, n, 0xFFFF, sv, yr, pf);
     for (; n < N; n += 16) expand_tile<1>(up, nrows, P, BTp, N, n, lanes16(N - n), sv, yr);
   }
 }
