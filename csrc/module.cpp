@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "lora/cpu/rank_bf16.h"
+#include "lora/cpu/rank_f32.h"
 #include "lora/dropout_cpu.h"
 #include "nf4/cpu/isa.h"
 #include "nf4/cpu/plan.h"
@@ -57,6 +58,10 @@ PYBIND11_MODULE(_C, m) {
         "Whether the LoRA ops run their bf16 rank-r products on the AVX-512 BF16 kernels now.");
   m.def("lora_rank_bf16_max_rank", [] { return peftx::lora::cpu::kMaxRank; },
         "The largest rank the bf16 LoRA expand and backward kernels take (larger ranks use the BLAS).");
+  m.def("lora_rank_f32_supported", &peftx::lora::cpu::rank_f32_supported,
+        "Whether the LoRA ops run their fp32 rank-r products on the AVX-512 kernels now.");
+  m.def("lora_rank_f32_max_rank", [] { return peftx::lora::cpu::kMaxRankF32; },
+        "The largest rank the fp32 LoRA kernels take (larger ranks use the BLAS).");
   m.def("cpu_isa", [] { return std::string(peftx::nf4::cpu::isa_name(peftx::nf4::cpu::active_isa())); },
         "The CPU kernel table the NF4 ops run now (PEFTX_CPU_ISA=avx512|avx2|scalar|auto forces one).");
   m.def("cpu_isas", &peftx::nf4::cpu::supported_isas, "The CPU kernel tables this CPU supports, best first.");

@@ -15,6 +15,7 @@
 #include "lora/lora_base.h"
 #include "lora/lora_math.h"
 #include "lora/rank_bf16_cpu.h"
+#include "lora/rank_f32_cpu.h"
 
 namespace peftx {
 namespace lora {
@@ -63,6 +64,11 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
   const bool rank_kernels = M > 0 && rank_bf16_applies(x2);
   const bool fused_expand = rank_kernels && rank_bf16_takes(R) && y.is_contiguous();
   at::Tensor u;
+  if (M > 0 && y.is_contiguous() && rank_f32_applies(x2, R)) {
+    const Dropout d = make_dropout(static_cast<uint64_t>(seed), dropout_p);
+    u = rank_shrink_expand_f32(x2, lora_A, dropout_p == 0.0 ? nullptr : &d, y, lora_B, scaling);
+    return {y.view(leading_shape_with(x, N)), u};
+  }
   if (rank_kernels) {
     const Dropout d = make_dropout(static_cast<uint64_t>(seed), dropout_p);
     const Dropout* dp = dropout_p == 0.0 ? nullptr : &d;
@@ -128,6 +134,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   if (M > 0 && rank_bf16_applies(x2) && rank_bf16_takes(R) && (!need_dx || dx.is_contiguous())) {
     const Dropout d = make_dropout(static_cast<uint64_t>(seed), dropout_p);
     dA = rank_adjoint_bf16(x2, gBs, lora_A, dropout_p == 0.0 ? nullptr : &d, need_dx ? &dx : nullptr);
+  } else if (M > 0 && rank_f32_applies(x2, R) && (!need_dx || dx.is_contiguous())) {
+    const Dropout d = make_dropout(static_cast<uint64_t>(seed), dropout_p);
+    dA = rank_adjoint_f32(x2, gBs, lora_A, dropout_p == 0.0 ? nullptr : &d, need_dx ? &dx : nullptr);
   } else if (dropout_p == 0.0 || M == 0) {
     dA = lora_bwd_no_dropout(p, need_dx);
   } else {

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "lora/cpu/rank_bf16.h"
+#include "lora/rank_scratch.h"
 
 namespace peftx {
 namespace lora {
@@ -14,30 +15,10 @@ namespace {
 
 const uint16_t* bf16_ptr(const at::Tensor& t) { return static_cast<const uint16_t*>(t.const_data_ptr()); }
 
-// Columns per task of the backward: the task's packed row pairs of x (M x cols bf16) stay within
-// half of a 1 MiB L2, at least one task per thread, at most kMaxAdjointCols.
-int64_t adjoint_cols(int64_t M, int64_t K) {
-  constexpr int64_t kPackElements = 1 << 18;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t by_cache = kPackElements / std::max<int64_t>(M, 1);
-  const int64_t by_threads = (K + threads - 1) / threads;
-  // At least 128 columns: the mask is drawn 128 elements per step and row.
-  return std::min<int64_t>(cpu::kMaxAdjointCols, std::max<int64_t>(128, (std::min(by_cache, by_threads) + 15) / 16 * 16));
-}
-
-// Per-thread scratch that outlives the call (the calling thread's, and the OpenMP workers', which
-// persist): a fresh buffer of this size per call would be page-faulted in again every time, and
-// the calling thread's 16-256 KiB temporaries, allocated between a step's 4 MiB tensors, fragmented
-// glibc's heap (see adapter_as in lora_base.h).
+// The packed rows' buffer, in whole 64-byte lines.
 struct alignas(64) Line {
   uint32_t v[16];
 };
-
-template <typename T>
-T* scratch(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
-}
 
 }  // namespace
 
@@ -110,7 +91,7 @@ at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor
   float* dAp = dA.data_ptr<float>();
   uint16_t* dxp = dx != nullptr ? static_cast<uint16_t*>(dx->data_ptr()) : nullptr;
   const uint16_t* ap = A != nullptr ? bf16_ptr(Ac) : nullptr;
-  const int64_t cols = adjoint_cols(M, K);
+  const int64_t cols = adjoint_chunk_cols(M, K, sizeof(uint16_t), cpu::kMaxAdjointCols);
   // gBs's fp32 partial sums, one [M, 16] slice per thread (each thread's over its column chunks),
   // added in thread order after the parallel region.
   thread_local std::vector<uint32_t> Bp_buf;

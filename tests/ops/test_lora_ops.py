@@ -393,22 +393,25 @@ def test_cpu_dropout_paths_agree(monkeypatch, shape, dtype, seed):
     B = torch.randn(6, 3, dtype=dtype)
     g = torch.randn(M, 6, dtype=dtype)
     results = {}
-    rank_kernels = peftx._native._C.lora_rank_bf16_supported()  # under the default ISA
+    rank_kernels = {torch.bfloat16: peftx._native._C.lora_rank_bf16_supported(),  # under the default ISA
+                    torch.float32: peftx._native._C.lora_rank_f32_supported()}.get(dtype, False)
     for isa in ("default", "scalar"):
         if isa == "scalar":
             monkeypatch.setenv("PEFTX_CPU_ISA", "scalar")
             assert peftx._native._C.lora_dropout_isa() == "scalar"
         y, u = ops.lora_linear_fwd(x, W, None, None, 64, None, A, B, 1.0, 0.3, seed)
         results[isa] = (y, u) + ops.lora_linear_bwd(g, x, u, W, None, None, 64, A, B, 1.0, 0.3, seed)
-    if dtype == torch.bfloat16 and rank_kernels:
-        # bf16 runs the rank-r kernels by default (sums in another order than the BLAS; their own
-        # tests: test_lora_rank_bf16.py): the mask still shows bit for bit in dx's LoRA term, which
-        # is exactly 0 where an element was dropped (the zero base makes g W exactly 0).
+    if rank_kernels:
+        # bf16 and fp32 run the rank-r kernels by default (sums in another order than the BLAS; their
+        # own tests: test_lora_rank_bf16.py, test_lora_rank_f32.py): the mask still shows bit for bit
+        # in dx's LoRA term, which is exactly 0 where an element was dropped (the zero base makes g W
+        # exactly 0).
         dx_d, dx_s = results["default"][2], results["scalar"][2]
         assert torch.equal(dx_d == 0, dx_s == 0)
+        rtol = 2e-2 if dtype == torch.bfloat16 else 1e-5
         for a, b in zip(results["default"], results["scalar"]):
-            tol = 2e-2 * max(1.0, b.float().nan_to_num().abs().max().item())
-            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=tol, equal_nan=True)
+            tol = rtol * max(1.0, b.float().nan_to_num().abs().max().item())
+            torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=tol, equal_nan=True)
     else:
         for a, b in zip(results["default"], results["scalar"]):
             assert torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),

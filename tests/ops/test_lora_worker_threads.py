@@ -44,7 +44,11 @@ def test_dropout_chunks_on_worker_threads_with_grad_requiring_adapters(two_threa
     y1 = layer(x1)
     y1.square().sum().backward()
     torch.testing.assert_close(y1, y, atol=0, rtol=0)
-    torch.testing.assert_close(x1.grad, grads[0], atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-5)
+    # x.grad takes g B, whose rank kernels sum per-thread partials over column chunks sized by the
+    # thread count: equal to rounding (fp32: a few ulps of the largest gradient, about 60 here).
+    scale = grads[0].abs().max().item()
+    tol = dict(atol=4e-6 * scale, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-5)
+    torch.testing.assert_close(x1.grad, grads[0], **tol)
 
 
 def test_worker_thread_forward_matches_reference(two_threads):

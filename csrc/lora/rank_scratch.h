@@ -1,0 +1,36 @@
+// What the CPU rank-r kernels' host code (rank_bf16_cpu.cpp, rank_f32_cpu.cpp) shares: per-thread
+// scratch and the backward's column chunk width.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace peftx {
+namespace lora {
+
+// The first n elements of a per-thread buffer that outlives the call (the calling thread's, and the
+// OpenMP workers', which persist): a fresh buffer of this size per call would be page-faulted in
+// again every time, and the calling thread's 16-256 KiB temporaries, allocated between a step's
+// 4 MiB tensors, fragmented glibc's heap (see adapter_as in lora_base.h).
+template <typename T>
+T* scratch(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+// Columns per task of the backward's column-chunked pass: the task's packed copy of x (M x cols
+// elements of elem bytes) stays within half of a 1 MiB L2, at least one task per thread, at least
+// 128 columns (the mask is drawn 128 elements per step and row), at most max_cols, a multiple of 16.
+inline int64_t adjoint_chunk_cols(int64_t M, int64_t K, int64_t elem, int64_t max_cols) {
+  constexpr int64_t kPackBytes = int64_t(1) << 19;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t by_cache = kPackBytes / std::max<int64_t>(M * elem, 1);
+  const int64_t by_threads = (K + threads - 1) / threads;
+  return std::min<int64_t>(max_cols, std::max<int64_t>(128, (std::min(by_cache, by_threads) + 15) / 16 * 16));
+}
+
+}  // namespace lora
+}  // namespace peftx
