@@ -1,6 +1,7 @@
-// CPU kernels of the LoRA ops. The low-rank products run through at::mm; what is fused here is the
-// dropout: its mask is regenerated from the seed chunk by chunk (lora_math.h), so neither the
-// forward nor the backward ever holds a dropped-out copy of the whole input.
+// CPU kernels of the LoRA ops. bf16 and fp32 inputs on AVX-512 run the low-rank products on the
+// rank-r kernels (rank_bf16_cpu.h, rank_f32_cpu.h); everything else runs them through at::mm with
+// the dropout fused here. Either way the mask is regenerated from the seed chunk by chunk
+// (lora_math.h), so neither the forward nor the backward ever holds a dropped-out copy of the input.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
