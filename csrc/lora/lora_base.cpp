@@ -176,15 +176,6 @@ at::Tensor base_input_grad(const at::Tensor& g2, const BaseWeight& base, int64_t
   return at::mm(g2, base.weight);
 }
 
-at::Tensor thread_scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
-  thread_local std::vector<std::max_align_t> buf[4];
-  auto& b = buf[slot];
-  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-  const size_t words = (bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t);
-  if (b.size() < words) b.resize(words);
-  return at::from_blob(b.data(), sizes, options);
-}
-
 at::Tensor adapter_as(const at::Tensor& t, at::ScalarType dt, int slot) {
   if (t.scalar_type() == dt || !t.is_cpu()) return t.to(dt);
   at::Tensor out = thread_scratch(slot, t.sizes(), t.options().dtype(dt));

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include "common/thread_scratch.h"
+
 namespace peftx {
 namespace lora {
 
@@ -64,11 +66,9 @@ at::Tensor lora_bwd_no_dropout(BwdParts& p, bool need_dx);
 // ones fragmented glibc's heap so that y and dx came from fresh (page-faulting) memory each step.
 at::Tensor adapter_as(const at::Tensor& t, at::ScalarType dt, int slot);
 
-// A contiguous tensor of `sizes` over this thread's persistent scratch slot (slots 0 and 1 are
-// adapter_as's; the chunked CPU passes use kChunkSlot and kChunkSlot2 on each worker), valid until
-// the slot's next use on the thread. Uninitialized.
+// The thread_scratch slots (common/thread_scratch.h) of the chunked CPU passes, on each worker
+// (adapter_as uses slots 0 and 1).
 constexpr int kChunkSlot = 2, kChunkSlot2 = 3;
-at::Tensor thread_scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // Shape of the output for x [..., in] and `features` output columns.
 std::vector<int64_t> leading_shape_with(const at::Tensor& x, int64_t features);
