@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "lora/cpu/rank_bf16.h"
-#include "lora/rank_scratch.h"
+#include "lora/rank_host.h"
 
 namespace peftx {
 namespace lora {
@@ -62,13 +62,6 @@ bool rank_bf16_takes(int64_t rank) { return rank <= cpu::kMaxRank; }
 
 namespace {
 
-// Where adjoint() also computes gBs = bf16(bf16(x B) s) (x = g): B [N, R] and the output.
-struct GbsFused {
-  const at::Tensor& B;
-  double s;
-  at::Tensor& gBs;
-};
-
 // dA [R, K] fp32 = gBs^T xd ([K, R] if transposed), and dx += D^T(gBs A) where A and dx are given;
 // with gf (the dB pass: x = g, gBs = u), dB = g^T bf16(u s) and gBs of g as well (see GbsFused).
 at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor* A, const Dropout* d,
@@ -92,30 +85,21 @@ at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor
   uint16_t* dxp = dx != nullptr ? static_cast<uint16_t*>(dx->data_ptr()) : nullptr;
   const uint16_t* ap = A != nullptr ? bf16_ptr(Ac) : nullptr;
   const int64_t cols = adjoint_chunk_cols(M, K, sizeof(uint16_t), cpu::kMaxAdjointCols);
-  // gBs's fp32 partial sums, one [M, 16] slice per thread (each thread's over its column chunks),
-  // added in thread order after the parallel region.
   thread_local std::vector<uint32_t> Bp_buf;
-  thread_local std::vector<float> gacc_buf;
   uint32_t* Bp = nullptr;
-  float* gacc = nullptr;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  ThreadPartials gacc;
   if (gf != nullptr) {
     const at::Tensor B = gf->B.contiguous();
     Bp = scratch(Bp_buf, static_cast<size_t>((K + 1) / 2 * 16));
     cpu::pack_row_pairs_bf16(bf16_ptr(B), K, gf->B.size(1), Bp);
-    gacc = scratch(gacc_buf, static_cast<size_t>(threads * M * 16));
-    std::fill(gacc, gacc + threads * M * 16, 0.0f);
+    gacc = thread_partials(M);
   }
   at::parallel_for(0, (K + cols - 1) / cols, 1, [&](int64_t c0, int64_t c1) {
     thread_local std::vector<uint64_t> bits_buf;
     thread_local std::vector<Line> pk_buf;
     uint64_t* bits = scratch(bits_buf, static_cast<size_t>(2 * ((cols + 63) / 64)));
     uint32_t* pk = reinterpret_cast<uint32_t*>(scratch(pk_buf, static_cast<size_t>((cols + 15) / 16 * Mh)));
-    cpu::GbsPartial part{};
-    if (gf != nullptr) {
-      const int64_t t = std::min<int64_t>(at::get_thread_num(), threads - 1);
-      part = cpu::GbsPartial{Bp, gacc + t * M * 16};
-    }
+    const cpu::GbsPartial part{Bp, gf != nullptr ? gacc.mine() : nullptr};
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t k0 = c * cols, k1 = std::min(K, k0 + cols);
       cpu::adjoint_bf16(d, bf16_ptr(x2), M, K, k0, k1, gp, gT, ap, R, dAp, transposed, dxp, bits, pk,
@@ -124,7 +108,7 @@ at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor
   });
   if (gf != nullptr) {
     gf->gBs = at::empty({M, gf->B.size(1)}, x2.options());
-    cpu::gbs_from_partials(gacc, threads, M, gf->B.size(1), static_cast<float>(gf->s),
+    cpu::gbs_from_partials(gacc.acc, gacc.threads, M, gf->B.size(1), static_cast<float>(gf->s),
                            static_cast<uint16_t*>(gf->gBs.data_ptr()));
   }
   return dA;

@@ -6,20 +6,13 @@
 #include <vector>
 
 #include "lora/cpu/rank_f32.h"
-#include "lora/rank_scratch.h"
+#include "lora/rank_host.h"
 
 namespace peftx {
 namespace lora {
 namespace {
 
 const float* f32(const at::Tensor& t) { return t.const_data_ptr<float>(); }
-
-// Where adjoint() also computes gBs = fp32(x B) s (x = g): B [N, R] and the output.
-struct GbsFused {
-  const at::Tensor& B;
-  double s;
-  at::Tensor& gBs;
-};
 
 // dA [R, K] = gBs^T xd ([K, R] if transposed), and dx += D^T(gBs A) where A and dx are given; with
 // gf (the dB pass: x = g, gBs = u), dB = g^T fp32(u s) and gBs of g as well (see GbsFused).
@@ -37,39 +30,29 @@ at::Tensor adjoint(const at::Tensor& x2, const at::Tensor& gBs, const at::Tensor
   float* dxp = dx != nullptr ? dx->data_ptr<float>() : nullptr;
   const float* ap = A != nullptr ? f32(Ac) : nullptr;
   const int64_t cols = adjoint_chunk_cols(M, K, sizeof(float), cpu::kMaxAdjointColsF32);
-  // gBs's partial sums, one [M, 16] slice per thread, added in thread order after the region.
-  thread_local std::vector<float> Bq_buf, gacc_buf, zero_buf;
-  const float* zero = scratch(zero_buf, static_cast<size_t>(cols));
-  std::fill(zero_buf.begin(), zero_buf.begin() + cols, 0.0f);
-  float* gacc = nullptr;
-  const float* Bq = nullptr;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  thread_local std::vector<float> Bq_buf;
+  float* Bq = nullptr;
+  ThreadPartials gacc;
   if (gf != nullptr) {
-    float* bq = scratch(Bq_buf, static_cast<size_t>(K * 16));
-    cpu::pad_cols_f32(f32(gf->B.contiguous()), K, gf->B.size(1), 1.0f, 16, bq);
-    Bq = bq;
-    gacc = scratch(gacc_buf, static_cast<size_t>(threads * M * 16));
-    std::fill(gacc, gacc + threads * M * 16, 0.0f);
+    Bq = scratch(Bq_buf, static_cast<size_t>(K * 16));
+    cpu::pad_cols_f32(f32(gf->B.contiguous()), K, gf->B.size(1), 1.0f, 16, Bq);
+    gacc = thread_partials(M);
   }
   at::parallel_for(0, (K + cols - 1) / cols, 1, [&](int64_t c0, int64_t c1) {
     thread_local std::vector<uint64_t> bits_buf;
     thread_local std::vector<float> pk_buf;
     uint64_t* bits = scratch(bits_buf, static_cast<size_t>(2 * ((cols + 63) / 64)));
     float* pk = scratch(pk_buf, static_cast<size_t>(M * 16 * ((cols + 15) / 16)));
-    cpu::GbsPartialF32 part{};
-    if (gf != nullptr) {
-      const int64_t t = std::min<int64_t>(at::get_thread_num(), threads - 1);
-      part = cpu::GbsPartialF32{Bq, gacc + t * M * 16};
-    }
+    const cpu::GbsPartialF32 part{Bq, gf != nullptr ? gacc.mine() : nullptr};
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t k0 = c * cols, k1 = std::min(K, k0 + cols);
-      cpu::adjoint_f32(d, f32(x2), M, K, k0, k1, gpad, ap, R, dAp, transposed, dxp, bits, pk, zero,
+      cpu::adjoint_f32(d, f32(x2), M, K, k0, k1, gpad, ap, R, dAp, transposed, dxp, bits, pk,
                        gf != nullptr ? &part : nullptr);
     }
   });
   if (gf != nullptr) {
     gf->gBs = at::empty({M, gf->B.size(1)}, x2.options());
-    cpu::gbs_from_partials_f32(gacc, threads, M, gf->B.size(1), static_cast<float>(gf->s), gf->gBs.data_ptr<float>());
+    cpu::gbs_from_partials_f32(gacc.acc, gacc.threads, M, gf->B.size(1), static_cast<float>(gf->s), gf->gBs.data_ptr<float>());
   }
   return dA;
 }

@@ -54,7 +54,7 @@ constexpr int64_t kMaxAdjointColsF32 = 512;
 //   dx[m, k] = dx[m, k] + scale * sum_j gBs[m, j] A[j, k]  where keep, if dx is given.
 // gBs: [M, RV] with RV = rank_f32_padded(R) (zero past R). A [R, K] (may be null without dx).
 // Scratch: bits, 2 * ((k1 - k0 + 63) / 64) words (used under d); pk, M * 16 * ((k1 - k0 + 15) / 16)
-// floats; zero, k1 - k0 zeros (the padded ranks' row of A).
+// floats.
 //
 // With gb (only without d and dx: the dB pass, x = g [M, N], gBs = s u), the same pass over g also
 // adds the chunk's share of g B: gb->acc[m * 16 + j] += sum_{k in [k0, k1)} g[m, k] B[k, j], B read
@@ -65,7 +65,7 @@ struct GbsPartialF32 {
 };
 void adjoint_f32(const Dropout* d, const float* x, int64_t M, int64_t K, int64_t k0, int64_t k1, const float* gBs,
                  const float* A, int64_t R, float* dA, bool dA_t, float* dx, uint64_t* bits, float* pk,
-                 const float* zero, const GbsPartialF32* gb = nullptr);
+                 const GbsPartialF32* gb = nullptr);
 
 }  // namespace cpu
 }  // namespace lora

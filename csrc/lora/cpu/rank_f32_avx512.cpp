@@ -25,6 +25,8 @@ constexpr int kRows = 4;
 constexpr int64_t kPrefetchPairs = 2;
 // Partial sums per row of g B (the row's chain of 16 FMAs per group split in 4).
 constexpr int kGbsSplit = 4;
+// A's row for the ranks past R in adjoint_rows (their gBs columns are 0 too).
+alignas(64) constexpr float kZeroRow[kMaxAdjointColsF32] = {};
 
 PEFTX_AVX512_INLINE __mmask16 lanes16(int64_t n) {
   return n >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << n) - 1u);
@@ -243,10 +245,10 @@ PEFTX_AVX512 void adjoint_strip(const float* pk, int64_t ldp, int64_t M, const f
 template <int RV>
 PEFTX_AVX512 void adjoint_chunk(const Dropout* d, const float* x, int64_t M, int64_t K, int64_t k0, int64_t k1,
                                 uint64_t* bits, int64_t words, const float* gBs, const float* A, int64_t R, float* dA,
-                                bool dA_t, float* dx, float* pk, const float* zero, const GbsPartialF32* gb) {
+                                bool dA_t, float* dx, float* pk, const GbsPartialF32* gb) {
   const int64_t groups = (k1 - k0 + 15) / 16, ldp = 16 * groups;
   const float* arow[RV];
-  for (int j = 0; j < RV; ++j) arow[j] = A != nullptr && j < R ? A + j * K + k0 : zero;
+  for (int j = 0; j < RV; ++j) arow[j] = A != nullptr && j < R ? A + j * K + k0 : kZeroRow;
   if (d != nullptr && dx != nullptr) {
     adjoint_rows<RV, true, true, false>(d, x, M, K, k0, k1, bits, words, gBs, arow, dx, pk, ldp, gb);
   } else if (d != nullptr) {
@@ -332,13 +334,13 @@ PEFTX_AVX512 void gbs_from_partials_f32(const float* acc, int64_t parts, int64_t
 
 void adjoint_f32(const Dropout* d, const float* x, int64_t M, int64_t K, int64_t k0, int64_t k1, const float* gBs,
                  const float* A, int64_t R, float* dA, bool dA_t, float* dx, uint64_t* bits, float* pk,
-                 const float* zero, const GbsPartialF32* gb) {
+                 const GbsPartialF32* gb) {
   const int64_t words = (k1 - k0 + 63) / 64;
   switch (rank_f32_padded(R)) {
-    case 4: return adjoint_chunk<4>(d, x, M, K, k0, k1, bits, words, gBs, A, R, dA, dA_t, dx, pk, zero, gb);
-    case 8: return adjoint_chunk<8>(d, x, M, K, k0, k1, bits, words, gBs, A, R, dA, dA_t, dx, pk, zero, gb);
-    case 12: return adjoint_chunk<12>(d, x, M, K, k0, k1, bits, words, gBs, A, R, dA, dA_t, dx, pk, zero, gb);
-    default: return adjoint_chunk<16>(d, x, M, K, k0, k1, bits, words, gBs, A, R, dA, dA_t, dx, pk, zero, gb);
+    case 4: return adjoint_chunk<4>(d, x, M, K, k0, k1, bits, words, gBs, A, R, dA, dA_t, dx, pk, gb);
+    case 8: return adjoint_chunk<8>(d, x, M, K, k0, k1, bits, words, gBs, A, R, dA, dA_t, dx, pk, gb);
+    case 12: return adjoint_chunk<12>(d, x, M, K, k0, k1, bits, words, gBs, A, R, dA, dA_t, dx, pk, gb);
+    default: return adjoint_chunk<16>(d, x, M, K, k0, k1, bits, words, gBs, A, R, dA, dA_t, dx, pk, gb);
   }
 }
 
