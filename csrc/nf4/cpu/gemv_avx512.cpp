@@ -6,9 +6,10 @@
 //   fp32 kernel (chunk 32): w = code * absmax exactly in fp32, FMA into fp32 accumulators.
 //   bf16 kernel (chunk 64, avx512_bf16): where a 64-feature chunk lies in one block (blocksize >= 64,
 //     cols % 64 == 0), the block's 16 dequantized values bf16(code * absmax) (exactly what
-//     nf4_dequantize returns in bf16) form the vpermw table, and vdpbf16ps accumulates straight into
-//     fp32: W is decoded once per chunk for 2 rows x 8 tokens (kScaledTokens), from 3 tokens on;
-//     beyond 8 tokens, once per panel into an L1 buffer (decode_scaled) that every tile reads.
+//     nf4_dequantize returns in bf16, up to denormals, which vdpbf16ps reads as zero) form the
+//     vpermw table, and vdpbf16ps accumulates straight into fp32: W is decoded once per chunk for
+//     2 rows x 8 tokens (kScaledTokens), from 3 tokens on; beyond 8 tokens, once per panel into an
+//     L1 buffer (decode_scaled) that every tile reads.
 //     Otherwise (and for 1-2 tokens) vdpbf16ps of bf16(code) with x, then one FMA by absmax per
 //     32-feature half, 4 tokens a pass.
 #include <algorithm>
@@ -46,6 +47,14 @@ void store_results(Dt dt, int tm, const float* res, int64_t m0, int64_t o, const
     case Dt::kF16:
       return store_results(tm, res, m0, o, bias, static_cast<f16_t*>(y), ldy);
   }
+}
+
+// The first n elements of a per-thread buffer that outlives the call: grown only when too small,
+// so repeated calls neither allocate nor clear it (the callers write every element they read).
+template <typename T>
+T* thread_buffer(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
 }
 
 // --- fp32 activations ----------------------------------------------------------------------
@@ -174,7 +183,7 @@ PEFTX_AVX512BF16 void decode_scaled(const Weight4& w, __m512 code, int64_t o, in
       }
     }
     for (int r = 0; r < RW; ++r) {
-      const __m512i table = bf16_block_table(code, w.absmax[(j0 + r * K + k) >> shift]);
+      const __m512i table = bf16_block_table_cvt(code, w.absmax[(j0 + r * K + k) >> shift]);
       const __m512i idx =
           _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + ((r * K + k) >> 1))));
       _mm512_store_si512(dec + 2 * r, _mm512_permutexvar_epi16(_mm512_srli_epi16(idx, 4), table));
@@ -237,7 +246,7 @@ PEFTX_AVX512BF16 void panel_bf16_fused(const Weight4& w, const uint16_t* x, __m5
   for (int64_t k = k0; k < k1; k += 64) {
     __m512bh hi[RW], lo[RW];
     for (int r = 0; r < RW; ++r) {
-      const __m512i table = bf16_block_table(code, w.absmax[(j0 + r * K + k) >> shift]);
+      const __m512i table = bf16_block_table_cvt(code, w.absmax[(j0 + r * K + k) >> shift]);
       const __m512i idx =
           _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + ((r * K + k) >> 1))));
       hi[r] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(idx, 4), table);
@@ -361,15 +370,16 @@ PEFTX_AVX512BF16 void gemv_rows_bf16(const Weight4& w, const GemvX& x, int64_t o
   if (w.blocksize >= 64 && w.cols % 64 == 0 && M >= kScaledMinTokens) {
     // Each call (one per thread) re-tiles x: M * cols * 2 bytes, small next to the rows' W.
     const int64_t chunks = w.cols / 64;
-    std::vector<uint16_t> tiled(static_cast<size_t>(M * chunks * 64));
+    thread_local std::vector<uint16_t> tiled_buf;
+    uint16_t* const tiled = thread_buffer(tiled_buf, static_cast<size_t>(M * chunks * 64));
     for (int64_t m0 = 0; m0 < M; m0 += kScaledTokens)
-      tile_x(xp, stride, m0, std::min<int64_t>(kScaledTokens, M - m0), chunks, tiled.data() + m0 * chunks * 64);
+      tile_x(xp, stride, m0, std::min<int64_t>(kScaledTokens, M - m0), chunks, tiled + m0 * chunks * 64);
     const __m512 code = _mm512_loadu_ps(w.code);
     if (M <= kScaledTokens) {
       rows_panelled(w, x, o0, o1, bias, out_dt, y, ldy, kScaledTokens, 2,
                     [&](int64_t o, int rows, int64_t m0, int64_t k0, int64_t k1, __m512* part) {
         const int tm = static_cast<int>(std::min<int64_t>(kScaledTokens, M - m0));
-        panel_bf16_fused_n<kScaledTokens>(tm, rows, w, tiled.data() + m0 * chunks * 64, code, o, k0, k1, part, M);
+        panel_bf16_fused_n<kScaledTokens>(tm, rows, w, tiled + m0 * chunks * 64, code, o, k0, k1, part, M);
       });
       return;
     }
@@ -378,8 +388,8 @@ PEFTX_AVX512BF16 void gemv_rows_bf16(const Weight4& w, const GemvX& x, int64_t o
       uint16_t lanes[32];
     };
     const int64_t P = panel_features(w.cols, M, 2);  // rows_panelled's panel width
-    std::vector<Vec> dec_buf(static_cast<size_t>(P / 64 * 4));
-    __m512i* dec = reinterpret_cast<__m512i*>(dec_buf.data());
+    thread_local std::vector<Vec> dec_buf;
+    __m512i* dec = reinterpret_cast<__m512i*>(thread_buffer(dec_buf, static_cast<size_t>(P / 64 * 4)));
     rows_panelled(w, x, o0, o1, bias, out_dt, y, ldy, static_cast<int>(M), 2,
                   [&](int64_t o, int rows, int64_t /*m0 = 0: all tokens*/, int64_t k0, int64_t k1, __m512* part) {
       if (rows == 2) {
@@ -389,7 +399,7 @@ PEFTX_AVX512BF16 void gemv_rows_bf16(const Weight4& w, const GemvX& x, int64_t o
       }
       for (int64_t m0 = 0; m0 < M; m0 += kScaledTokens) {
         const int tm = static_cast<int>(std::min<int64_t>(kScaledTokens, M - m0));
-        const uint16_t* xt = tiled.data() + m0 * chunks * 64 + (k0 / 64) * tm * 64;
+        const uint16_t* xt = tiled + m0 * chunks * 64 + (k0 / 64) * tm * 64;
         panel_bf16_scaled_n<kScaledTokens>(tm, rows, dec, xt, (k1 - k0) / 64, part + m0, M);
       }
     }, /*prefetch=*/false);  // decode_scaled prefetches

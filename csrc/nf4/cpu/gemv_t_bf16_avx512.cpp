@@ -27,11 +27,11 @@ constexpr int lane_feature(int v, int l) {
 }
 
 // Row n's features [k, k + 128) as dequantized bf16: hi[h] = even features of half h, lo[h] = odd.
-PEFTX_AVX512_INLINE void decode_row(const Weight4& w, int shift, __m512 code, int64_t n, int64_t k, __m512i (&hi)[2],
+PEFTX_AVX512BF16_INLINE void decode_row(const Weight4& w, int shift, __m512 code, int64_t n, int64_t k, __m512i (&hi)[2],
                                     __m512i (&lo)[2]) {
   const int64_t j = n * w.cols + k;
   for (int h = 0; h < 2; ++h) {
-    const __m512i table = bf16_block_table(code, w.absmax[(j + 64 * h) >> shift]);
+    const __m512i table = bf16_block_table_cvt(code, w.absmax[(j + 64 * h) >> shift]);
     const __m512i idx =
         _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.packed + (j >> 1) + 32 * h)));
     hi[h] = _mm512_permutexvar_epi16(_mm512_srli_epi16(idx, 4), table);

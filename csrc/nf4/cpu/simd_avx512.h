@@ -20,6 +20,7 @@
 #define PEFTX_AVX512BF16 \
   __attribute__((target("avx2,fma,f16c,bmi,bmi2,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #define PEFTX_AVX512_INLINE PEFTX_AVX512 static inline __attribute__((always_inline))
+#define PEFTX_AVX512BF16_INLINE PEFTX_AVX512BF16 static inline __attribute__((always_inline))
 
 namespace peftx {
 namespace nf4 {
@@ -91,6 +92,15 @@ PEFTX_AVX512_INLINE __m512i bf16_block_table(__m512 code, float absmax) {
   const __m512i high_words = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 31, 29,
                                               27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
   return _mm512_permutexvar_epi16(high_words, bf16_high(_mm512_mul_ps(code, _mm512_set1_ps(absmax))));
+}
+
+// bf16_block_table in one vcvtne2ps2bf16 (AVX512_BF16), for the vdpbf16ps product kernels: the
+// instruction rounds as bf16_from_float (to nearest even, NaN quieted the same way) except that it
+// flushes fp32 denormal products to zero, which vdpbf16ps would read as zero anyway (it treats
+// denormal inputs as zero).
+PEFTX_AVX512BF16_INLINE __m512i bf16_block_table_cvt(__m512 code, float absmax) {
+  const __m512 v = _mm512_mul_ps(code, _mm512_set1_ps(absmax));
+  return (__m512i)_mm512_cvtne2ps_pbh(v, v);
 }
 
 // Stores 32 values given as even lanes `ev` (elements 0, 2, ..., 30) and odd lanes `od` in natural
