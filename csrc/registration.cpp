@@ -68,6 +68,9 @@ TORCH_LIBRARY(peftx, m) {
   m.def(
       "nf4_lora_row_norm(Tensor packed, Tensor absmax, Tensor code, int blocksize, Tensor lora_A, Tensor lora_B, "
       "float scale) -> Tensor");
+  // The same norm over a dense W [out, in] (float32, float16 or bfloat16): ||W[o, :] + scale * (B A)[o, :]||_2,
+  // fp32 [out_features], without materialising W + scale B A. Not differentiable.
+  m.def("dense_lora_row_norm(Tensor weight, Tensor lora_A, Tensor lora_B, float scale) -> Tensor");
 
   // Fused AdamW steps (csrc/optim/), one call for many tensors: params[i] (fp32/fp16/bf16) and its
   // state are updated in place; steps[i] is the step count of this update: incremented first when
@@ -110,6 +113,7 @@ TORCH_LIBRARY(peftx_emulate, m) {
   m.def(
       "nf4_lora_row_norm_kernel(Tensor packed, Tensor absmax, Tensor code, int blocksize, Tensor lora_A, Tensor "
       "lora_B, float scale) -> Tensor");
+  m.def("dense_lora_row_norm_kernel(Tensor weight, Tensor lora_A, Tensor lora_B, float scale) -> Tensor");
 
   m.def(
       "adamw_step_kernel(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] "

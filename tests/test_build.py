@@ -13,7 +13,7 @@ from peftx import _native
 NF4_OPS = ["nf4_quantize", "nf4_dequantize", "nf4_double_quantize", "nf4_double_dequantize", "nf4_matmul",
            "nf4_matmul_t"]
 LORA_OPS = ["lora_linear_fwd", "lora_linear_bwd", "lora_multi_fwd"]
-DORA_OPS = ["nf4_lora_row_norm"]
+DORA_OPS = ["nf4_lora_row_norm", "dense_lora_row_norm"]
 DEVICE_OPS = NF4_OPS + LORA_OPS + DORA_OPS
 CUDA_KERNELS = ["peftx::nf4::" + k for k in ("nf4_quantize_kernel", "nf4_dequantize_kernel",
                                              "nf4_dequantize8_kernel", "nf4_double_quantize_kernel",
@@ -21,7 +21,8 @@ CUDA_KERNELS = ["peftx::nf4::" + k for k in ("nf4_quantize_kernel", "nf4_dequant
                ["peftx::lora::(anonymous namespace)::" + k for k in ("lora_dropout_kernel", "lora_dropout_axpy_kernel",
                                                                      "lora_multi_shrink_kernel",
                                                                      "lora_multi_expand_kernel")] + \
-               ["peftx::dora::nf4_lora_row_norm_kernel"]
+               ["peftx::dora::nf4_lora_row_norm_kernel"] + \
+               [f"peftx::dora::dense_lora_row_norm_kernel<{t}>" for t in ("float", "peftx::f16_t", "peftx::bf16_t")]
 TORCH_IS_CUDA_BUILD = torch.version.cuda is not None
 REQUIRE_CUDA = os.environ.get("PEFTX_REQUIRE_CUDA_BUILD") == "1"
 

@@ -11,9 +11,11 @@ namespace peftx {
 // The slots, one buffer each per thread:
 //   0, 1: lora adapter_as (an adapter's copy in the activation dtype, A and B);
 //   2, 3: lora's chunked dropout passes (on each worker);
-//   4:    nf4_matmul / nf4_matmul_t's decoded tile of W.
-constexpr int kScratchSlots = 5;
+//   4:    nf4_matmul / nf4_matmul_t's decoded tile of W;
+//   5:    dense_lora_row_norm's block of W + scale B A (where it runs through BLAS).
+constexpr int kScratchSlots = 6;
 constexpr int kNf4TileSlot = 4;
+constexpr int kDoraNormSlot = 5;
 
 // A contiguous tensor of `sizes` over this thread's buffer `slot` (64-byte aligned), valid until the
 // slot's next use on the thread. Uninitialized. The buffer only grows.

@@ -1,4 +1,5 @@
-// CUDA registration of peftx::nf4_lora_row_norm: argument checks, the current stream, the launch.
+// CUDA registrations of peftx::nf4_lora_row_norm and peftx::dense_lora_row_norm: argument checks,
+// the current stream, the launch.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,9 +28,27 @@ at::Tensor nf4_lora_row_norm_cuda(const at::Tensor& packed, const at::Tensor& ab
   return norm;
 }
 
+at::Tensor dense_lora_row_norm_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                    double scale) {
+  const c10::cuda::CUDAGuard guard(weight.device());
+  auto [W, A, B] = check_dense_row_norm_args(weight, lora_A, lora_B);
+  const int64_t rows = W.size(0), cols = W.size(1), r = A.size(0);
+  const DenseDt dt = W.scalar_type() == at::kFloat  ? DenseDt::kF32
+                     : W.scalar_type() == at::kHalf ? DenseDt::kF16
+                                                    : DenseDt::kBF16;
+  at::Tensor norm = at::empty({rows}, W.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(launch_dense_lora_row_norm(W.const_data_ptr(), dt, rows, cols, A.const_data_ptr<float>(),
+                                            B.const_data_ptr<float>(), r, static_cast<float>(scale),
+                                            norm.data_ptr<float>(), current_stream()));
+  return norm;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(peftx, CUDA, m) { m.impl("nf4_lora_row_norm", &nf4_lora_row_norm_cuda); }
+TORCH_LIBRARY_IMPL(peftx, CUDA, m) {
+  m.impl("nf4_lora_row_norm", &nf4_lora_row_norm_cuda);
+  m.impl("dense_lora_row_norm", &dense_lora_row_norm_cuda);
+}
 
 }  // namespace dora
 }  // namespace peftx

@@ -21,7 +21,7 @@ SUITES = {"nf4": (nf4_suite, nf4_suite.STEPS), "lora": (lora_suite, 17), "optim"
 
 
 def _table(rows: list[dict], dram_GBps: float | None = None) -> str:
-    lines = [f"{'op':<14}{'dtype':<10}{'M':>5}  {'candidate':<24}{'median ms':>11}{'p10-p90':>17}{'ratio':>9}"]
+    lines = [f"{'op':<16}{'dtype':<10}{'M':>5}  {'candidate':<24}{'median ms':>11}{'p10-p90':>17}{'ratio':>9}"]
     for row in rows:
         for name, r in row["results"].items():
             ratio = next(v for k, v in r.items() if k.startswith("x_vs_"))
@@ -31,11 +31,11 @@ def _table(rows: list[dict], dram_GBps: float | None = None) -> str:
                 if dram_GBps:
                     extra += f" = {100 * r['GBps'] / dram_GBps:.0f}% of DRAM read"
             extra += f"  saved {r['saved_MiB']:.2f} MiB" if "saved_MiB" in r else ""
-            lines.append(f"{row['op']:<14}{row['dtype']:<10}{str(row['M'] or '-'):>5}  {name:<24}"
+            lines.append(f"{row['op']:<16}{row['dtype']:<10}{str(row['M'] or '-'):>5}  {name:<24}"
                          f"{r['median_ms']:>11.3f}{r['p10_ms']:>8.3f}-{r['p90_ms']:<8.3f}{ratio:>8.2f}x{extra}")
         note = f", dropout {row['dropout']}" if row.get("dropout") else ""
-        lines.append(f"{'':<27}(ratio = time / {row['anchor']}{note})")
-        lines.extend(f"{'':<27}{note}" for note in row.get("notes", []))
+        lines.append(f"{'':<29}(ratio = time / {row['anchor']}{note})")
+        lines.extend(f"{'':<29}{note}" for note in row.get("notes", []))
     return "\n".join(lines)
 
 

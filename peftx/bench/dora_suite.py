@@ -1,8 +1,9 @@
 """The dora suite (not in the default list): one DoRA layer on a 4096 x 4096 base, r = 16, fp32 and
 bf16, M = 16 and 512 tokens, forward+backward (x requires grad; A, B and the magnitude train) of peftx
 LoraLinear(use_dora=True) vs HF PEFT's DoRA layer on the same weights, with the plain peftx LoRA layer
-as a reference point; and DoRA's weight norm over an NF4 base: peftx::nf4_lora_row_norm (rows decoded
-in registers) vs dequantize + addmm + norm in torch (what HF PEFT does over bitsandbytes)."""
+as a reference point; and DoRA's weight norm: over an NF4 base, peftx::nf4_lora_row_norm (rows decoded
+in registers) vs dequantize + addmm + norm in torch (what HF PEFT does over bitsandbytes); over a
+dense bf16 base, peftx::dense_lora_row_norm vs HF PEFT's formula in torch (W in fp32 + addmm + norm)."""
 
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ def dora_rows(quick: bool = True, progress=lambda: None) -> list[dict]:
             rows.append(_row("dora fwd+bwd", dtype, M, 0.0, fb, anchor))
             progress()
     rows.append(_norm_row(w, repeats))
+    rows.append(_dense_norm_row(w, repeats))
     progress()
     return rows
 
@@ -102,6 +104,27 @@ def _norm_row(w, repeats) -> dict:
     t = interleaved({"dequantize + norm": torch_path, "nf4_lora_row_norm": op}, repeats)
     row = _row("dora nf4 norm", torch.float32, None, 0.0, t, "dequantize + norm")
     row["notes"] = ["the torch path allocates a 64 MiB fp32 weight; the op one row per thread"]
+    return row
+
+
+def _dense_norm_row(w, repeats) -> dict:
+    wb = w.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(R, IN, generator=g) / IN ** 0.5
+    B = torch.randn(OUT, R, generator=g) * 0.02
+    s = ALPHA / R
+
+    def op():
+        dora_ops.dense_lora_row_norm(wb, A, B, s)
+
+    def torch_path():
+        torch.linalg.vector_norm(torch.addmm(wb.float(), B, A, alpha=s), dim=1)
+
+    want = torch.linalg.vector_norm(torch.addmm(wb.float(), B, A, alpha=s), dim=1)
+    torch.testing.assert_close(dora_ops.dense_lora_row_norm(wb, A, B, s), want, atol=1e-4, rtol=1e-4)
+    t = interleaved({"fp32 W + addmm + norm": torch_path, "dense_lora_row_norm": op}, repeats)
+    row = _row("dora dense norm", torch.bfloat16, None, 0.0, t, "fp32 W + addmm + norm")
+    row["notes"] = ["the torch path allocates two 64 MiB fp32 matrices; the op forms 8 rows x 16 columns in registers"]
     return row
 
 

@@ -180,6 +180,14 @@ def nf4_lora_row_norm_ref(packed: torch.Tensor, absmax: torch.Tensor, code: torc
     return torch.linalg.vector_norm(v, dim=1).float()
 
 
+def dense_lora_row_norm_ref(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """DoRA's weight norm over a dense base: ``||W[o] + scale * (B A)[o]||_2`` per output row, fp32
+    [out_features] (computed in float64 and rounded once)."""
+    v = weight.double() + scale * (lora_B.double() @ lora_A.double())
+    return torch.linalg.vector_norm(v, dim=1).float()
+
+
 def dora_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                     lora_B: torch.Tensor, magnitude: torch.Tensor, scaling: float,
                     x_dropped: torch.Tensor | None = None) -> torch.Tensor:

@@ -40,11 +40,20 @@ def acc(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+_NORM_OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 @torch.no_grad()
 def dense_row_norm(weight_out_in: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                    scaling: float) -> torch.Tensor:
-    """``||W + s B A||`` per output row [out], fp32 (fp64 for an fp64 W), W [out, in] dense."""
-    w = acc(weight_out_in)
+    """``||W + s B A||`` per output row [out], fp32 (fp64 for an fp64 W), W [out, in] dense. fp32 / fp16 /
+    bf16 tensors on CPU or CUDA take ``peftx::dense_lora_row_norm`` (W + s B A formed in registers,
+    never stored); others (fp64 for gradcheck) the torch formula, which materialises it in fp32 / fp64."""
+    w = weight_out_in
+    if (w.device.type in ("cpu", "cuda") and all(t.dtype in _NORM_OP_DTYPES for t in (w, lora_A, lora_B))
+            and lora_A.device == w.device and lora_B.device == w.device):
+        return dora_ops.dense_lora_row_norm(w, lora_A, lora_B, scaling)
+    w = acc(w)
     v = torch.addmm(w, lora_B.to(w.dtype), lora_A.to(w.dtype), alpha=scaling)
     return torch.linalg.vector_norm(v, dim=1)
 
