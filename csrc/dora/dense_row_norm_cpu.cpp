@@ -33,7 +33,9 @@ void norms_avx512(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B,
     for (int64_t rr = 0; rr < r; ++rr) c[o * rp + rr] = s * b[o * r + rr];
   const char* w = static_cast<const char*>(W.const_data_ptr());
   const int64_t row_bytes = cols * W.element_size();
-  const float* a = A.const_data_ptr<float>();
+  std::vector<float> ap(static_cast<size_t>(cpu::norm_packed_a_size(r, cols)));
+  cpu::pack_norm_a(A.const_data_ptr<float>(), r, cols, ap.data());
+  const float* a = ap.data();
   float* out = norm.data_ptr<float>();
   const DenseDt dt = dense_dt(W);
   const int64_t blocks = (rows + cpu::kNormRows - 1) / cpu::kNormRows;

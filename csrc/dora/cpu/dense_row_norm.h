@@ -17,10 +17,16 @@ constexpr int64_t kNormRows = 8;
 constexpr int64_t kNormRankGroup = 8;
 inline int64_t norm_rank_padded(int64_t r) { return (r + kNormRankGroup - 1) / kNormRankGroup * kNormRankGroup; }
 
+// A [r, cols] fp32 repacked for the kernel: per 16-column chunk c, its rp = norm_rank_padded(r) rank
+// vectors, Ap[(c * rp + rr) * 16 + l] = A[rr, 16 c + l], zero past r and past cols. Ap holds
+// norm_packed_a_size(r, cols) floats.
+inline int64_t norm_packed_a_size(int64_t r, int64_t cols) { return (cols + 15) / 16 * norm_rank_padded(r) * 16; }
+void pack_norm_a(const float* A, int64_t r, int64_t cols, float* Ap);
+
 // norm[i] = ||W[i] + sum_rr c[i * rp + rr] A[rr]||_2 for the rows i < nrows (<= kNormRows) of W
-// [nrows, cols] (row-major, dt), A [r, cols] fp32 and c the rows' coefficients scale * B[o, rr], rp =
-// norm_rank_padded(r) per row, zero past r. fp32 sums in an order of their own.
-void dense_row_norm_rows(DenseDt dt, const void* W, int64_t nrows, int64_t cols, const float* A, int64_t r,
+// [nrows, cols] (row-major, dt), with A packed by pack_norm_a and c the rows' coefficients scale *
+// B[o, rr], rp = norm_rank_padded(r) per row, zero past r. fp32 sums in an order of their own.
+void dense_row_norm_rows(DenseDt dt, const void* W, int64_t nrows, int64_t cols, const float* Ap, int64_t r,
                          const float* c, float* norm);
 
 }  // namespace cpu
