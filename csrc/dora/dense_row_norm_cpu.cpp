@@ -1,6 +1,6 @@
 // CPU kernel of peftx::dense_lora_row_norm (DoRA's weight norm over a dense base, see dora_math.h).
 // On AVX-512 CPUs, blocks of kNormRows rows split over threads, each formed and squared in registers
-// (cpu/dense_row_norm.h); otherwise blocks of rows through BLAS (W's rows widened to fp32 into a
+// (cpu/row_norm.h); otherwise blocks of rows through BLAS (W's rows widened to fp32 into a
 // per-thread buffer, scale B A added by addmm, their norms taken), so the whole W + scale B A is
 // never materialised either way.
 #include <ATen/ATen.h>
@@ -12,7 +12,7 @@
 
 #include "common/cpu_isa.h"
 #include "common/thread_scratch.h"
-#include "dora/cpu/dense_row_norm.h"
+#include "dora/cpu/row_norm.h"
 #include "dora/dora_checks.h"
 
 namespace peftx {
@@ -25,12 +25,8 @@ DenseDt dense_dt(const at::Tensor& W) {
 
 void norms_avx512(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale, at::Tensor& norm) {
   const int64_t rows = W.size(0), cols = W.size(1), r = A.size(0), rp = cpu::norm_rank_padded(r);
-  // The coefficients scale * B[o, rr], rows padded with zeros to rp ranks.
-  std::vector<float> c(static_cast<size_t>(rows * rp), 0.0f);
-  const float* b = B.const_data_ptr<float>();
-  const float s = static_cast<float>(scale);
-  for (int64_t o = 0; o < rows; ++o)
-    for (int64_t rr = 0; rr < r; ++rr) c[o * rp + rr] = s * b[o * r + rr];
+  std::vector<float> c(static_cast<size_t>(rows * rp));
+  cpu::norm_coefficients(B.const_data_ptr<float>(), rows, r, static_cast<float>(scale), c.data());
   const char* w = static_cast<const char*>(W.const_data_ptr());
   const int64_t row_bytes = cols * W.element_size();
   std::vector<float> ap(static_cast<size_t>(cpu::norm_packed_a_size(r, cols)));

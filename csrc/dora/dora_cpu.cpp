@@ -1,8 +1,10 @@
 // CPU kernel of peftx::nf4_lora_row_norm (DoRA's weight norm over an NF4 base, see dora_math.h).
-// Rows are split over threads (at::parallel_for); each row is decoded into a thread-local fp32 row
-// buffer by the NF4 kernel table's vectorized decode, the rank-r term is added with its axpy (four
-// rank-1 updates per pass over the row) and the sum of squares is its dot: the dense weight never
-// exists, only one row of it per thread.
+// Rows are split over threads (at::parallel_for). On AVX-512 CPUs, with in_features and blocksize
+// multiples of 32, tiles of 4 rows x 32 columns are decoded and combined with the rank-r term in
+// registers (cpu/row_norm.h). Otherwise each row is decoded into a thread-local fp32 row buffer by
+// the NF4 kernel table's vectorized decode, the rank-r term is added with its axpy (four rank-1
+// updates per pass over the row) and the sum of squares is its dot. Either way the dense weight never
+// exists.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,6 +13,8 @@
 #include <cmath>
 #include <vector>
 
+#include "common/cpu_isa.h"
+#include "dora/cpu/row_norm.h"
 #include "dora/dora_checks.h"
 #include "nf4/cpu/isa.h"
 
@@ -35,6 +39,21 @@ at::Tensor nf4_lora_row_norm_cpu(const at::Tensor& packed, const at::Tensor& abs
   const float* b = B.const_data_ptr<float>();
   float* out = norm.data_ptr<float>();
   const float s = static_cast<float>(scale);
+  if (cpu_isa() == CpuIsa::avx512 && cols % 32 == 0 && blocksize % 32 == 0 && rows > 0) {
+    const int64_t rp = cpu::norm_rank_padded(r);
+    std::vector<float> cf(static_cast<size_t>(rows * rp));
+    cpu::norm_coefficients(b, rows, r, s, cf.data());
+    std::vector<float> ap(static_cast<size_t>(cpu::nf4_norm_packed_a_size(r, cols)));
+    cpu::pack_nf4_norm_a(a, r, cols, ap.data());
+    const int64_t tiles = (rows + cpu::kNf4NormRows - 1) / cpu::kNf4NormRows;
+    at::parallel_for(0, tiles, std::max<int64_t>(1, grain_rows(cols) / cpu::kNf4NormRows), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t o = t * cpu::kNf4NormRows, n = std::min(cpu::kNf4NormRows, rows - o);
+        cpu::nf4_row_norm_rows(w, o, n, ap.data(), r, cf.data() + o * rp, out + o);
+      }
+    });
+    return norm;
+  }
   at::parallel_for(0, rows, grain_rows(cols), [&](int64_t o0, int64_t o1) {
     std::vector<float> row(static_cast<size_t>(cols));
     for (int64_t o = o0; o < o1; ++o) {

@@ -1,6 +1,7 @@
 """peftx::nf4_lora_row_norm (DoRA's weight norm over an NF4 base) against its pure-torch reference:
 shapes with odd / tail in_features, blocksizes, adapter dtypes, non-contiguous adapters, every CPU
-instruction set, the emulated CUDA grid, opcheck, torch.compile, bad input."""
+instruction set (and on AVX-512 both the register tile and the row buffer), the emulated CUDA grid,
+opcheck, torch.compile, bad input."""
 
 import pytest
 import torch
@@ -13,7 +14,10 @@ emu = torch.ops.peftx_emulate
 # The norm is an fp32 sum of squares; adapters given in 16-bit are widened exactly, so the
 # tolerance does not depend on the adapter dtype.
 TOL = dict(atol=1e-5, rtol=2e-5)
-SHAPES = [(1, 1, 1), (6, 42, 3), (123, 42, 8), (97, 130, 5), (64, 257, 16), (300, 77, 1), (33, 1000, 4)]
+# in_features % 32 == 0 (the AVX-512 tile of 4 rows x 32 columns, row counts around it, ranks past
+# its groups of 8) and not (a row buffer per thread).
+SHAPES = [(1, 1, 1), (6, 42, 3), (123, 42, 8), (97, 130, 5), (64, 257, 16), (300, 77, 1), (33, 1000, 4),
+          (37, 64, 5), (9, 96, 17), (4, 4096, 16), (1, 32, 40), (6, 320, 0)]
 
 
 def _state(out, inf, blocksize, double_quant, device="cpu", seed=0):
@@ -70,10 +74,24 @@ def test_every_cpu_instruction_set(isa, monkeypatch):
     if isa not in _native._C.cpu_isas():
         pytest.skip(f"this CPU has no {isa}")
     monkeypatch.setenv("PEFTX_CPU_ISA", isa)
-    q = _state(50, 333, 64, True)
-    A, B = _adapter(50, 333, 7, torch.float32, "cpu")
-    got = ops.nf4_lora_row_norm(q.packed, q.absmax_fp32(), q.code, 64, A, B, 1.5)
-    torch.testing.assert_close(got, _ref(q, A, B, 1.5), **TOL)
+    for inf in (333, 320):  # the row buffer; on AVX-512 the register tile
+        q = _state(50, inf, 64, True)
+        A, B = _adapter(50, inf, 7, torch.float32, "cpu")
+        got = ops.nf4_lora_row_norm(q.packed, q.absmax_fp32(), q.code, 64, A, B, 1.5)
+        torch.testing.assert_close(got, _ref(q, A, B, 1.5), **TOL)
+
+
+def test_tile_rows_are_independent_of_the_tile():
+    """A row's norm does not depend on which other rows share its 4-row tile, nor on how many there are."""
+    q = _state(21, 256, 32, False)
+    A, B = _adapter(21, 256, 12, torch.float32, "cpu")
+    full = ops.nf4_lora_row_norm(q.packed, q.absmax_fp32(), q.code, 32, A, B, 0.8)
+    w = q.dequantize(torch.float32)
+    for o0, o1 in [(0, 1), (3, 11), (8, 21), (13, 14)]:
+        qs = peftx.NF4Weight.quantize(w[o0:o1], blocksize=32, double_quant=False)
+        assert torch.equal(qs.dequantize(torch.float32), w[o0:o1])  # the same weight, requantized exactly
+        got = ops.nf4_lora_row_norm(qs.packed, qs.absmax_fp32(), qs.code, 32, A, B[o0:o1], 0.8)
+        assert torch.equal(got, full[o0:o1]), (o0, o1)
 
 
 def test_threads_do_not_change_the_result():

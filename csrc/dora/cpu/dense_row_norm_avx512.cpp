@@ -1,10 +1,10 @@
-// AVX-512 kernel of dense_row_norm.h. A tile of kNormRows rows x 16 columns: the rows' W values
+// AVX-512 dense kernel of row_norm.h. A tile of kNormRows rows x 16 columns: the rows' W values
 // (widened to fp32), then per group of kNormRankGroup ranks the group's A vectors loaded once (packed
 // per chunk: consecutive vectors, no address arithmetic or masks) and each row's coefficients
 // broadcast from memory into one FMA per rank, then one FMA of the square into the row's accumulator.
 // Registers: 8 values + 8 accumulators + 8 A vectors. Each A vector feeds 8 rows, so the packed A
 // (from L2) is read once per 8 rows of W.
-#include "dora/cpu/dense_row_norm.h"
+#include "dora/cpu/row_norm.h"
 
 #include <algorithm>
 #include <cmath>
