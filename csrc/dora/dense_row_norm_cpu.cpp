@@ -1,5 +1,5 @@
 // CPU kernel of peftx::dense_lora_row_norm (DoRA's weight norm over a dense base, see dora_math.h).
-// On AVX-512 CPUs, blocks of kNormRows rows split over threads, each formed and squared in registers
+// On AVX-512 CPUs, tiles of kNormRows rows split over threads, each formed and squared in registers
 // (cpu/row_norm.h); otherwise blocks of rows through BLAS (W's rows widened to fp32 into a
 // per-thread buffer, scale B A added by addmm, their norms taken), so the whole W + scale B A is
 // never materialised either way.
@@ -30,7 +30,7 @@ void norms_avx512(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B,
   const char* w = static_cast<const char*>(W.const_data_ptr());
   const int64_t row_bytes = cols * W.element_size();
   std::vector<float> ap(static_cast<size_t>(cpu::norm_packed_a_size(r, cols)));
-  cpu::pack_norm_a(A.const_data_ptr<float>(), r, cols, ap.data());
+  cpu::pack_norm_a(A.const_data_ptr<float>(), r, cols, /*even_odd=*/false, ap.data());
   const float* a = ap.data();
   float* out = norm.data_ptr<float>();
   const DenseDt dt = dense_dt(W);

@@ -43,12 +43,12 @@ at::Tensor nf4_lora_row_norm_cpu(const at::Tensor& packed, const at::Tensor& abs
     const int64_t rp = cpu::norm_rank_padded(r);
     std::vector<float> cf(static_cast<size_t>(rows * rp));
     cpu::norm_coefficients(b, rows, r, s, cf.data());
-    std::vector<float> ap(static_cast<size_t>(cpu::nf4_norm_packed_a_size(r, cols)));
-    cpu::pack_nf4_norm_a(a, r, cols, ap.data());
-    const int64_t tiles = (rows + cpu::kNf4NormRows - 1) / cpu::kNf4NormRows;
-    at::parallel_for(0, tiles, std::max<int64_t>(1, grain_rows(cols) / cpu::kNf4NormRows), [&](int64_t t0, int64_t t1) {
+    std::vector<float> ap(static_cast<size_t>(cpu::norm_packed_a_size(r, cols)));
+    cpu::pack_norm_a(a, r, cols, /*even_odd=*/true, ap.data());
+    const int64_t tiles = (rows + cpu::kNormRows - 1) / cpu::kNormRows;
+    at::parallel_for(0, tiles, std::max<int64_t>(1, grain_rows(cols) / cpu::kNormRows), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t o = t * cpu::kNf4NormRows, n = std::min(cpu::kNf4NormRows, rows - o);
+        const int64_t o = t * cpu::kNormRows, n = std::min(cpu::kNormRows, rows - o);
         cpu::nf4_row_norm_rows(w, o, n, ap.data(), r, cf.data() + o * rp, out + o);
       }
     });

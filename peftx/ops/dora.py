@@ -8,8 +8,8 @@ Schema: csrc/registration.cpp. Kernels: csrc/dora/. References: ``reference.nf4_
 
 for W [out, in] NF4 (packed bytes, fp32 absmax, 16-entry code; dequant(W) above) or dense (fp32, fp16,
 bf16), A [r, in], B [out, r]. Each row is read (decoded) and combined with the rank-r term in
-registers (CUDA: one warp per row; CPU: 8 rows x 16 columns a tile on AVX-512, row blocks through
-BLAS otherwise, NF4 one row buffer per thread): W + scale B A is never materialised. The ops have no
+registers (CUDA: one warp per row; CPU on AVX-512: 4 rows x 32 columns a tile, otherwise row blocks
+through BLAS (dense) or one row buffer per thread (NF4)): W + scale B A is never materialised. The ops have no
 autograd formula: DoRA treats the norm as a constant (the paper's section 4.3, as HF PEFT), so the
 wrappers detach A and B.
 """

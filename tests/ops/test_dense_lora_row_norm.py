@@ -1,6 +1,6 @@
 """peftx::dense_lora_row_norm (DoRA's weight norm over a dense base) against its pure-torch reference:
-weight and adapter dtypes, odd / tail in_features, ranks 0-40 (the kernel's rank groups of 8), row
-counts around its 8-row tile, non-contiguous inputs, both CPU paths (the AVX-512 tile and the BLAS
+weight and adapter dtypes, odd / tail in_features, ranks 0-40 (the kernel's rank groups of 4), row
+counts around its 4-row tile, non-contiguous inputs, both CPU paths (the AVX-512 tile and the BLAS
 row blocks), thread counts, the emulated CUDA grid, opcheck, torch.compile, bad input, and the DoRA
 layer's use of it."""
 
@@ -48,7 +48,7 @@ def test_matches_reference(device, shape, w_dtype, a_dtype):
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("w_dtype", DTYPES)
 def test_every_cpu_path(isa, w_dtype, monkeypatch):
-    """AVX-512: the 8-row register tile; other instruction sets: row blocks through BLAS."""
+    """AVX-512: the 4-row register tile; other instruction sets: row blocks through BLAS."""
     if isa not in _native._C.cpu_isas():
         pytest.skip(f"this CPU has no {isa}")
     monkeypatch.setenv("PEFTX_CPU_ISA", isa)
