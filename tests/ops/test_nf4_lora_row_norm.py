@@ -15,7 +15,7 @@ emu = torch.ops.peftx_emulate
 # tolerance does not depend on the adapter dtype.
 TOL = dict(atol=1e-5, rtol=2e-5)
 # in_features % 32 == 0 (the AVX-512 tile of 4 rows x 32 columns, row counts around it, ranks past
-# its groups of 8) and not (a row buffer per thread).
+# its groups of 4) and not (a row buffer per thread).
 SHAPES = [(1, 1, 1), (6, 42, 3), (123, 42, 8), (97, 130, 5), (64, 257, 16), (300, 77, 1), (33, 1000, 4),
           (37, 64, 5), (9, 96, 17), (4, 4096, 16), (1, 32, 40), (6, 320, 0)]
 
