@@ -31,6 +31,7 @@ def _table(rows: list[dict], dram_GBps: float | None = None) -> str:
                 if dram_GBps:
                     extra += f" = {100 * r['GBps'] / dram_GBps:.0f}% of DRAM read"
             extra += f"  saved {r['saved_MiB']:.2f} MiB" if "saved_MiB" in r else ""
+            extra += f"  {r['page_faults']:.0f} page faults" if r.get("page_faults", 0) >= 100 else ""
             lines.append(f"{row['op']:<16}{row['dtype']:<10}{str(row['M'] or '-'):>5}  {name:<24}"
                          f"{r['median_ms']:>11.3f}{r['p10_ms']:>8.3f}-{r['p90_ms']:<8.3f}{ratio:>8.2f}x{extra}")
         note = f", dropout {row['dropout']}" if row.get("dropout") else ""

@@ -150,7 +150,12 @@ def _qlora_rows(w, repeats, LoraConfig, hf_lora, progress) -> list[dict]:
             cands["HF PEFT + bnb 4bit"] = theirs
         fb = interleaved({k: _fwd_bwd(v, x, g) for k, v in cands.items()}, repeats)
         mem = {k: saved_bytes(v, x) for k, v in cands.items()}
-        rows.append(_row("qlora fwd+bwd", dtype, M, 0.05, fb, "dense bf16 layer", mem))
+        row = _row("qlora fwd+bwd", dtype, M, 0.05, fb, "dense bf16 layer", mem)
+        if theirs is not None and fb["HF PEFT + bnb 4bit"].faults >= 1000:
+            row["notes"] = ["bitsandbytes dequantizes W into a fresh tensor per product (32 MiB: a new mmap under "
+                            "glibc's defaults), so its time moves with the cost of a page fault; an allocator that "
+                            "recycles the memory (jemalloc, tcmalloc) would save it most of that"]
+        rows.append(row)
         progress()
     return rows
 
@@ -211,7 +216,7 @@ def _row(op, dtype, M, dropout, timings, anchor, saved=None):
            "shape": f"{OUT}x{IN} r={R}", "anchor": anchor, "results": {}}
     for name, t in timings.items():
         r = {"median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms, "spread": t.spread,
-             "x_vs_" + anchor.replace(" ", "_"): t.median_ms / ref}
+             "x_vs_" + anchor.replace(" ", "_"): t.median_ms / ref, "page_faults": t.faults}
         if saved is not None:
             r["saved_MiB"] = saved[name] / 2**20
         row["results"][name] = r
