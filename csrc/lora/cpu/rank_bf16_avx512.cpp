@@ -249,6 +249,49 @@ PEFTX_AVX512BF16 void adjoint_strip(const uint32_t* pk, int64_t stride, int64_t 
     if (j < R) _mm512_mask_storeu_ps(dA + j * K + k, in, acc[j]);
 }
 
+// dA of two adjacent strips (columns k .. k + 32, lanes in0 / in1), as adjoint_strip: each (gBs[m, j],
+// gBs[m + 1, j]) broadcast feeds both strips' dot products, against one per dot product there. The
+// ranks run in passes of up to 8 (2 strips x 8 accumulators); the second pass finds the two strips'
+// packed pairs (2 x Mh x 64 bytes, 32 KiB at 512 tokens) in L1.
+template <int P>
+PEFTX_AVX512BF16 void adjoint_strip2(const uint32_t* pk, int64_t stride, int64_t Mh, const uint32_t* gBsT, int64_t R,
+                                     int64_t K, int64_t k, __mmask16 in0, __mmask16 in1, float* dA, bool dA_t) {
+  constexpr int64_t R2 = 2 * P;
+  constexpr int kJ = 2 * P < 8 ? 2 * P : 8;  // ranks per pass
+  for (int j0 = 0; j0 < 2 * P; j0 += kJ) {
+    __m512 acc[2][kJ];
+#pragma GCC unroll 8
+    for (int j = 0; j < kJ; ++j) acc[0][j] = acc[1][j] = _mm512_setzero_ps();
+    for (int64_t h = 0; h < Mh; ++h) {
+      const __m512bh x0 = (__m512bh)_mm512_loadu_si512(pk + h * stride);
+      const __m512bh x1 = (__m512bh)_mm512_loadu_si512(pk + h * stride + 16);
+      const uint32_t* gT = gBsT + h * R2 + j0;
+#pragma GCC unroll 8
+      for (int j = 0; j < kJ; ++j) {
+        const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(gT[j]));
+        acc[0][j] = _mm512_dpbf16_ps(acc[0][j], x0, b);
+        acc[1][j] = _mm512_dpbf16_ps(acc[1][j], x1, b);
+      }
+    }
+    // Compile-time indices only, as adjoint_strip's store.
+    for (int s = 0; s < 2; ++s) {
+      const int64_t ks = k + 16 * s;
+      const __mmask16 in = s == 0 ? in0 : in1;
+      if (dA_t) {
+        const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(static_cast<int>(R)));
+#pragma GCC unroll 8
+        for (int j = 0; j < kJ; ++j)
+          if (j0 + j < R) _mm512_mask_i32scatter_ps(dA + ks * R + j0 + j, in, at, acc[s][j], 4);
+      } else {
+#pragma GCC unroll 8
+        for (int j = 0; j < kJ; ++j)
+          if (j0 + j < R) _mm512_mask_storeu_ps(dA + (j0 + j) * K + ks, in, acc[s][j]);
+      }
+    }
+  }
+}
+
 // y[m, n .. n + 16 NV) for the rows m .. m + nrows (nrows <= 4) of expand_bf16; the last vector
 // takes the lanes `tail`.
 template <int NV>
@@ -321,7 +364,12 @@ PEFTX_AVX512BF16 void adjoint_cols(const Dropout* d, const uint16_t* x, int64_t 
   } else {
     adjoint_pack<P, false, false>(d, x, M, K, k0, k1, bits, words, gBs, ap, dx, pk);
   }
-  for (int64_t gi = 0; gi < groups; ++gi) {
+  int64_t gi = 0;
+  for (; gi + 2 <= groups; gi += 2) {
+    const int64_t k = k0 + 16 * gi;
+    adjoint_strip2<P>(pk + gi * 16, groups * 16, Mh, gBsT, R, K, k, lanes16(k1 - k), lanes16(k1 - k - 16), dA, dA_t);
+  }
+  for (; gi < groups; ++gi) {
     const int64_t k = k0 + 16 * gi;
     adjoint_strip<P>(pk + gi * 16, groups * 16, Mh, gBsT, R, K, k, lanes16(k1 - k), dA, dA_t);
   }
