@@ -1,5 +1,6 @@
 // What the CPU rank-r kernels' host code (rank_bf16_cpu.cpp, rank_f32_cpu.cpp) shares: per-thread
-// scratch, the backward's column chunk width, and the dB pass's g B outputs and partial sums.
+// scratch (common/scratch_vector.h), the backward's column chunk width, and the dB pass's g B outputs
+// and partial sums.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,18 +10,10 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/scratch_vector.h"
+
 namespace peftx {
 namespace lora {
-
-// The first n elements of a per-thread buffer that outlives the call (the calling thread's, and the
-// OpenMP workers', which persist): a fresh buffer of this size per call would be page-faulted in
-// again every time, and the calling thread's 16-256 KiB temporaries, allocated between a step's
-// 4 MiB tensors, fragmented glibc's heap (see adapter_as in lora_base.h).
-template <typename T>
-T* scratch(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
-}
 
 // Columns per task of the backward's column-chunked pass: the task's packed copy of x (M x cols
 // elements of elem bytes) stays within half of a 1 MiB L2, at least one task per thread, at least

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/scratch_vector.h"
 #include "nf4/cpu/avx512.h"
 #include "nf4/cpu/plan.h"
 #include "nf4/cpu/simd_avx512.h"
@@ -47,14 +48,6 @@ void store_results(Dt dt, int tm, const float* res, int64_t m0, int64_t o, const
     case Dt::kF16:
       return store_results(tm, res, m0, o, bias, static_cast<f16_t*>(y), ldy);
   }
-}
-
-// The first n elements of a per-thread buffer that outlives the call: grown only when too small,
-// so repeated calls neither allocate nor clear it (the callers write every element they read).
-template <typename T>
-T* thread_buffer(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
 }
 
 // --- fp32 activations ----------------------------------------------------------------------
@@ -371,7 +364,7 @@ PEFTX_AVX512BF16 void gemv_rows_bf16(const Weight4& w, const GemvX& x, int64_t o
     // Each call (one per thread) re-tiles x: M * cols * 2 bytes, small next to the rows' W.
     const int64_t chunks = w.cols / 64;
     thread_local std::vector<uint16_t> tiled_buf;
-    uint16_t* const tiled = thread_buffer(tiled_buf, static_cast<size_t>(M * chunks * 64));
+    uint16_t* const tiled = scratch(tiled_buf, static_cast<size_t>(M * chunks * 64));
     for (int64_t m0 = 0; m0 < M; m0 += kScaledTokens)
       tile_x(xp, stride, m0, std::min<int64_t>(kScaledTokens, M - m0), chunks, tiled + m0 * chunks * 64);
     const __m512 code = _mm512_loadu_ps(w.code);
@@ -389,7 +382,7 @@ PEFTX_AVX512BF16 void gemv_rows_bf16(const Weight4& w, const GemvX& x, int64_t o
     };
     const int64_t P = panel_features(w.cols, M, 2);  // rows_panelled's panel width
     thread_local std::vector<Vec> dec_buf;
-    __m512i* dec = reinterpret_cast<__m512i*>(thread_buffer(dec_buf, static_cast<size_t>(P / 64 * 4)));
+    __m512i* dec = reinterpret_cast<__m512i*>(scratch(dec_buf, static_cast<size_t>(P / 64 * 4)));
     rows_panelled(w, x, o0, o1, bias, out_dt, y, ldy, static_cast<int>(M), 2,
                   [&](int64_t o, int rows, int64_t /*m0 = 0: all tokens*/, int64_t k0, int64_t k1, __m512* part) {
       if (rows == 2) {
