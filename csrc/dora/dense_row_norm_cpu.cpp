@@ -8,41 +8,27 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "common/cpu_isa.h"
 #include "common/thread_scratch.h"
 #include "dora/cpu/row_norm.h"
 #include "dora/dora_checks.h"
+#include "dora/row_norm_host.h"
 
 namespace peftx {
 namespace dora {
 namespace {
 
-DenseDt dense_dt(const at::Tensor& W) {
-  return W.scalar_type() == at::kFloat ? DenseDt::kF32 : W.scalar_type() == at::kHalf ? DenseDt::kF16 : DenseDt::kBF16;
-}
-
 void norms_avx512(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale, at::Tensor& norm) {
-  const int64_t rows = W.size(0), cols = W.size(1), r = A.size(0), rp = cpu::norm_rank_padded(r);
-  std::vector<float> c(static_cast<size_t>(rows * rp));
-  cpu::norm_coefficients(B.const_data_ptr<float>(), rows, r, static_cast<float>(scale), c.data());
+  const int64_t cols = W.size(1), r = A.size(0);
   const char* w = static_cast<const char*>(W.const_data_ptr());
   const int64_t row_bytes = cols * W.element_size();
-  std::vector<float> ap(static_cast<size_t>(cpu::norm_packed_a_size(r, cols)));
-  cpu::pack_norm_a(A.const_data_ptr<float>(), r, cols, /*even_odd=*/false, ap.data());
-  const float* a = ap.data();
   float* out = norm.data_ptr<float>();
   const DenseDt dt = dense_dt(W);
-  const int64_t blocks = (rows + cpu::kNormRows - 1) / cpu::kNormRows;
-  // About 2^15 elements of W per task at least.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(cpu::kNormRows * cols, 1));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t o = blk * cpu::kNormRows, n = std::min(cpu::kNormRows, rows - o);
-      cpu::dense_row_norm_rows(dt, w + o * row_bytes, n, cols, a, r, c.data() + o * rp, out + o);
-    }
-  });
+  for_each_norm_tile(W.size(0), cols, A.const_data_ptr<float>(), B.const_data_ptr<float>(), r, scale,
+                     /*even_odd=*/false, [&](int64_t o, int64_t n, const float* ap, const float* c) {
+                       cpu::dense_row_norm_rows(dt, w + o * row_bytes, n, cols, ap, r, c, out + o);
+                     });
 }
 
 void norms_blas(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale, at::Tensor& norm) {

@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "dora/dora_math.h"
 #include "nf4/nf4_checks.h"
 
 namespace peftx {
@@ -51,6 +52,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> check_dense_row_norm_args(
   PEFTX_CHECK_SAME_DEVICE(op, "lora_A", lora_A, weight);
   PEFTX_CHECK_SAME_DEVICE(op, "lora_B", lora_B, weight);
   return {weight.contiguous(), lora_A.to(at::kFloat).contiguous(), lora_B.to(at::kFloat).contiguous()};
+}
+
+// The storage type of a weight check_dense_row_norm_args accepted.
+inline DenseDt dense_dt(const at::Tensor& W) {
+  return W.scalar_type() == at::kFloat ? DenseDt::kF32 : W.scalar_type() == at::kHalf ? DenseDt::kF16 : DenseDt::kBF16;
 }
 
 }  // namespace dora

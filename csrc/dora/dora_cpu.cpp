@@ -16,6 +16,7 @@
 #include "common/cpu_isa.h"
 #include "dora/cpu/row_norm.h"
 #include "dora/dora_checks.h"
+#include "dora/row_norm_host.h"
 #include "nf4/cpu/isa.h"
 
 namespace peftx {
@@ -40,18 +41,10 @@ at::Tensor nf4_lora_row_norm_cpu(const at::Tensor& packed, const at::Tensor& abs
   float* out = norm.data_ptr<float>();
   const float s = static_cast<float>(scale);
   if (cpu_isa() == CpuIsa::avx512 && cols % 32 == 0 && blocksize % 32 == 0 && rows > 0) {
-    const int64_t rp = cpu::norm_rank_padded(r);
-    std::vector<float> cf(static_cast<size_t>(rows * rp));
-    cpu::norm_coefficients(b, rows, r, s, cf.data());
-    std::vector<float> ap(static_cast<size_t>(cpu::norm_packed_a_size(r, cols)));
-    cpu::pack_norm_a(a, r, cols, /*even_odd=*/true, ap.data());
-    const int64_t tiles = (rows + cpu::kNormRows - 1) / cpu::kNormRows;
-    at::parallel_for(0, tiles, std::max<int64_t>(1, grain_rows(cols) / cpu::kNormRows), [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t o = t * cpu::kNormRows, n = std::min(cpu::kNormRows, rows - o);
-        cpu::nf4_row_norm_rows(w, o, n, ap.data(), r, cf.data() + o * rp, out + o);
-      }
-    });
+    for_each_norm_tile(rows, cols, a, b, r, scale, /*even_odd=*/true,
+                       [&](int64_t o, int64_t n, const float* ap, const float* c) {
+                         cpu::nf4_row_norm_rows(w, o, n, ap, r, c, out + o);
+                       });
     return norm;
   }
   at::parallel_for(0, rows, grain_rows(cols), [&](int64_t o0, int64_t o1) {

@@ -33,9 +33,7 @@ at::Tensor dense_lora_row_norm_cuda(const at::Tensor& weight, const at::Tensor& 
   const c10::cuda::CUDAGuard guard(weight.device());
   auto [W, A, B] = check_dense_row_norm_args(weight, lora_A, lora_B);
   const int64_t rows = W.size(0), cols = W.size(1), r = A.size(0);
-  const DenseDt dt = W.scalar_type() == at::kFloat  ? DenseDt::kF32
-                     : W.scalar_type() == at::kHalf ? DenseDt::kF16
-                                                    : DenseDt::kBF16;
+  const DenseDt dt = dense_dt(W);
   at::Tensor norm = at::empty({rows}, W.options().dtype(at::kFloat));
   C10_CUDA_CHECK(launch_dense_lora_row_norm(W.const_data_ptr(), dt, rows, cols, A.const_data_ptr<float>(),
                                             B.const_data_ptr<float>(), r, static_cast<float>(scale),
