@@ -27,6 +27,7 @@
 #include <cstring>
 
 #include "common/cpu_isa.h"
+#include "lora/cpu/adjoint_stores_avx512.h"
 #include "lora/dropout_cpu.h"
 #include "nf4/cpu/simd_avx512.h"
 
@@ -38,8 +39,6 @@ namespace {
 using nf4::cpu::avx512::bf16_high;
 
 constexpr int kRows = 4;
-// Partial sums per row of the g B products in adjoint_pack (its final sum assumes 4).
-constexpr int kGbsSplit = 4;
 constexpr int64_t kPrefetchPairs = 2;
 
 PEFTX_AVX512_INLINE __mmask32 lanes32(int64_t n) {
@@ -211,9 +210,7 @@ PEFTX_AVX512BF16 void adjoint_pack(const Dropout* d, const uint16_t* x, int64_t 
 #pragma GCC unroll 2
       for (int r = 0; r < 2; ++r) {
         if (r >= rows) break;
-        float* acc = gpart->acc + (m + r) * 16;
-        const __m512 sum = _mm512_add_ps(_mm512_add_ps(gacc[r][0], gacc[r][1]), _mm512_add_ps(gacc[r][2], gacc[r][3]));
-        _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_loadu_ps(acc), sum));
+        add_gb_partials(gpart->acc + (m + r) * 16, gacc[r]);
       }
     }
   }
@@ -235,18 +232,7 @@ PEFTX_AVX512BF16 void adjoint_strip(const uint32_t* pk, int64_t stride, int64_t 
     for (int j = 0; j < 2 * P; ++j)
       acc[j] = _mm512_dpbf16_ps(acc[j], xp, (__m512bh)_mm512_set1_epi32(static_cast<int>(gT[j])));
   }
-  // Compile-time indices only (a runtime bound on j would put acc in memory for the whole loop).
-  if (dA_t) {  // dA^T [K, R]: lane l of acc[j] to dA[(k + l) R + j]
-    const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(static_cast<int>(R)));
-#pragma GCC unroll 16
-    for (int j = 0; j < 2 * P; ++j)
-      if (j < R) _mm512_mask_i32scatter_ps(dA + k * R + j, in, at, acc[j], 4);
-    return;
-  }
-#pragma GCC unroll 16
-  for (int j = 0; j < 2 * P; ++j)
-    if (j < R) _mm512_mask_storeu_ps(dA + j * K + k, in, acc[j]);
+  store_dA(acc, 0, R, K, k, in, dA, dA_t);
 }
 
 // dA of two adjacent strips (columns k .. k + 32, lanes in0 / in1), as adjoint_strip: each (gBs[m, j],
@@ -273,22 +259,8 @@ PEFTX_AVX512BF16 void adjoint_strip2(const uint32_t* pk, int64_t stride, int64_t
         acc[1][j] = _mm512_dpbf16_ps(acc[1][j], x1, b);
       }
     }
-    // Compile-time indices only, as adjoint_strip's store.
-    for (int s = 0; s < 2; ++s) {
-      const int64_t ks = k + 16 * s;
-      const __mmask16 in = s == 0 ? in0 : in1;
-      if (dA_t) {
-        const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                              _mm512_set1_epi32(static_cast<int>(R)));
-#pragma GCC unroll 8
-        for (int j = 0; j < kJ; ++j)
-          if (j0 + j < R) _mm512_mask_i32scatter_ps(dA + ks * R + j0 + j, in, at, acc[s][j], 4);
-      } else {
-#pragma GCC unroll 8
-        for (int j = 0; j < kJ; ++j)
-          if (j0 + j < R) _mm512_mask_storeu_ps(dA + (j0 + j) * K + ks, in, acc[s][j]);
-      }
-    }
+    store_dA(acc[0], j0, R, K, k, in0, dA, dA_t);
+    store_dA(acc[1], j0, R, K, k + 16, in1, dA, dA_t);
   }
 }
 

@@ -13,6 +13,7 @@
 #include <algorithm>
 
 #include "common/cpu_isa.h"
+#include "lora/cpu/adjoint_stores_avx512.h"
 #include "lora/dropout_cpu.h"
 #include "nf4/cpu/simd_avx512.h"
 
@@ -23,8 +24,6 @@ namespace {
 
 constexpr int kRows = 4;
 constexpr int64_t kPrefetchPairs = 2;
-// Partial sums per row of g B (the row's chain of 16 FMAs per group split in 4).
-constexpr int kGbsSplit = 4;
 // A's row for the ranks past R in adjoint_rows (their gBs columns are 0 too).
 alignas(64) constexpr float kZeroRow[kMaxAdjointColsF32] = {};
 
@@ -208,9 +207,7 @@ PEFTX_AVX512 void adjoint_rows(const Dropout* d, const float* x, int64_t M, int6
 #pragma GCC unroll 2
       for (int r = 0; r < 2; ++r) {
         if (r >= rows) break;
-        float* acc = gpart->acc + (m + r) * 16;
-        const __m512 sum = _mm512_add_ps(_mm512_add_ps(gacc[r][0], gacc[r][1]), _mm512_add_ps(gacc[r][2], gacc[r][3]));
-        _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_loadu_ps(acc), sum));
+        add_gb_partials(gpart->acc + (m + r) * 16, gacc[r]);
       }
     }
   }
@@ -229,17 +226,7 @@ PEFTX_AVX512 void adjoint_strip(const float* pk, int64_t ldp, int64_t M, const f
 #pragma GCC unroll 16
     for (int j = 0; j < RV; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(g[j]), xv, acc[j]);
   }
-  if (dA_t) {  // dA^T [K, R]: lane l of acc[j] to dA[(k + l) R + j]
-    const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(static_cast<int>(R)));
-#pragma GCC unroll 16
-    for (int j = 0; j < RV; ++j)
-      if (j < R) _mm512_mask_i32scatter_ps(dA + k * R + j, in, at, acc[j], 4);
-    return;
-  }
-#pragma GCC unroll 16
-  for (int j = 0; j < RV; ++j)
-    if (j < R) _mm512_mask_storeu_ps(dA + j * K + k, in, acc[j]);
+  store_dA(acc, 0, R, K, k, in, dA, dA_t);
 }
 
 template <int RV>
