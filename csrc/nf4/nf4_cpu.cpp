@@ -258,6 +258,27 @@ at::Tensor nf4_matmul_t_cpu(const at::Tensor& grad, const at::Tensor& packed, co
   const cpu::Weight4 w = weight_view(pk, am, cd, blocksize, N, K);
   const cpu::Kernels& kt = cpu::active_kernels();
   if (M == 0 || N == 0 || K == 0) return at::zeros(leading_shape(grad, K), grad.options());
+  if (kt.gemv_t_cols != nullptr && K % 128 == 0 && g2.scalar_type() != at::kBFloat16) {
+    // fp32 / fp16 g: dx = g W in fp32 (the fp32 weight), each task's 128-feature chunks of dx in
+    // registers (gemv_t_cols), for groups of up to kGemvTColsGroupTokens tokens, written straight
+    // in g's dtype. (bf16 g multiplies by the bf16 weight nf4_dequantize gives, below.)
+    const at::Tensor gf = g2.to(at::kFloat).contiguous();
+    at::Tensor out = at::empty({M, K}, g2.options());
+    const float* gp = gf.const_data_ptr<float>();
+    char* op = static_cast<char*>(out.data_ptr());
+    const cpu::Dt dt = to_dt(out.scalar_type());
+    const int64_t chunks = K / 128, group = cpu::kGemvTColsGroupTokens;
+    const int64_t groups = (M + group - 1) / group;
+    at::parallel_for(0, groups * chunks, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1;) {
+        const int64_t m0 = i / chunks * group, c0 = i % chunks, c1 = std::min(chunks, c0 + (i1 - i));
+        kt.gemv_t_cols(w, gp + m0 * N, N, std::min(group, M - m0), c0 * 128, c1 * 128, dt,
+                       op + m0 * K * static_cast<int64_t>(out.element_size()), K);
+        i += c1 - c0;
+      }
+    });
+    return out.reshape(leading_shape(grad, K));
+  }
   if (g2.scalar_type() == at::kBFloat16 && kt.gemv_t_bf16 != nullptr && blocksize >= 64 && K % 128 == 0 &&
       M <= cpu::kGemvTBf16MaxTokens) {
     // dx = g W with vdpbf16ps over pairs of W's rows (g padded to an even number of columns), each

@@ -200,20 +200,44 @@ def test_gemv_fp32_is_exact_linear_map(isa):
     assert (got - ref).abs().max() < 1e-4 * ref.abs().max()
 
 
+@pytest.mark.parametrize("out_f,in_f,blocksize", [(33, 128, 32), (70, 256, 64), (9, 384, 128), (5, 512, 256),
+                                                   (3, 1024, 4096), (17, 640, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_transposed_fp32_kernel_is_exact_linear_map(isa, dtype, out_f, in_f, blocksize):
+    """fp32 / fp16 g with in_features % 128 == 0 (the columns kernel on AVX-512: a task's 128-feature
+    chunks in registers, lanes permuted by nibble, one or two chunks a pass at 1 token, tiles of 3
+    tokens ending 2 + 2, groups of 24 tokens): g times the fp32 weight, exact up to fp32 summation,
+    rounded once to g's dtype. Blocks of 32 (four per chunk), 64 (two), 128, and blocks longer than a
+    row (4096 > 1024); odd rows; 1 to 50 tokens."""
+    gen = torch.Generator().manual_seed(out_f * in_f + blocksize)
+    w = peftx.nf4_quantize(torch.randn(out_f, in_f, generator=gen), blocksize=blocksize)
+    wd = w.dequantize(torch.float32).double()
+    for M in (1, 2, 3, 4, 5, 7, 24, 25, 50):
+        g = torch.randn(M, out_f, generator=gen).to(dtype)
+        got = peftx.nf4_matmul_t(g, w)
+        assert got.dtype == dtype and got.shape == (M, in_f)
+        want = g.double() @ wd
+        bound = 1e-6 * (g.double().abs() @ wd.abs()) + (2.0 ** -11 if dtype == torch.float16 else 2.0 ** -24) * want.abs()
+        assert ((got.double() - want).abs() <= bound + 1e-30).all(), (M, (got.double() - want).abs().max())
+
+
 def test_results_do_not_depend_on_threads(isa):
     w = peftx.nf4_quantize(torch.randn(257, 512))
     x = torch.randn(3, 512, dtype=torch.bfloat16)
+    g = torch.randn(30, 257)  # two token groups of the fp32 transposed kernel
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = peftx.nf4_matmul(x, w)
+        one_t = peftx.nf4_matmul_t(g, w)
         q1 = peftx.nf4_quantize(torch.randn(300, 300, generator=torch.Generator().manual_seed(1)))
         torch.set_num_threads(max(2, before))
         two = peftx.nf4_matmul(x, w)
+        two_t = peftx.nf4_matmul_t(g, w)
         q2 = peftx.nf4_quantize(torch.randn(300, 300, generator=torch.Generator().manual_seed(1)))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one, two)
+    assert torch.equal(one, two) and torch.equal(one_t, two_t)
     assert torch.equal(q1.packed, q2.packed) and torch.equal(q1.absmax, q2.absmax)
 
 

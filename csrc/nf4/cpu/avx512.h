@@ -22,6 +22,8 @@ void gemv_rows_bf16(const Weight4& w, const GemvX& x, int64_t o0, int64_t o1, co
                     int64_t ldy);
 void gemv_t_rows(const Weight4& w, const float* g, int64_t ldg, int64_t tokens, int64_t o0, int64_t o1, float* acc);
 void gemv_t_bf16(const Weight4& w, const uint16_t* g, int64_t ldg, int64_t tokens, int64_t c0, int64_t c1, float* out);
+void gemv_t_cols(const Weight4& w, const float* g, int64_t ldg, int64_t tokens, int64_t c0, int64_t c1, Dt out_dt,
+                 void* out, int64_t ldo);
 float dot(const float* a, const float* b, int64_t n);
 void axpy(int nv, const float* c, const float* const* v, int64_t n, float* acc);
 

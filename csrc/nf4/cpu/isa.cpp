@@ -37,6 +37,7 @@ const Kernels& avx512_kernels() {
                                 64,
                                 avx512::gemv_t_rows,
                                 cpu_has_avx512bf16() ? avx512::gemv_t_bf16 : nullptr,
+                                avx512::gemv_t_cols,
                                 avx512::dot,
                                 avx512::axpy};
   return table;
@@ -52,6 +53,7 @@ const Kernels& avx2_kernels() {
                                 16,
                                 nullptr,
                                 0,
+                                nullptr,
                                 nullptr,
                                 nullptr,
                                 avx2::dot,

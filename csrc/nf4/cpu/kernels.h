@@ -73,6 +73,11 @@ struct Kernels {
   // cols % 128 == 0, c0 and c1 multiples of 128 (nullptr where the CPU has no bf16 dot product).
   void (*gemv_t_bf16)(const Weight4& w, const uint16_t* g, int64_t ldg, int64_t tokens, int64_t c0, int64_t c1,
                       float* out);
+  // out[m * ldo + k] = sum_o g[m * ldg + o] W[o, k] rounded to out_dt for m < tokens, k in [c0, c1),
+  // with g fp32 [tokens, ldg] and the sum in fp32 over the rows in order; cols % 128 == 0, c0 and c1
+  // multiples of 128 (nullptr: the kernels above).
+  void (*gemv_t_cols)(const Weight4& w, const float* g, int64_t ldg, int64_t tokens, int64_t c0, int64_t c1,
+                      Dt out_dt, void* out, int64_t ldo);
   // dot(a, b) over n fp32, and acc[i] += sum_r c[r] * v[r][i] for r < nv (nv <= 4), i < n.
   float (*dot)(const float* a, const float* b, int64_t n);
   void (*axpy)(int nv, const float* c, const float* const* v, int64_t n, float* acc);

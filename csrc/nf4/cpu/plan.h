@@ -18,6 +18,11 @@ constexpr int64_t kGemvBf16MaxTokens = 20;
 constexpr int64_t kGemvTMaxTokens = 16;
 // Most tokens the bf16 transposed kernel (gemv_t_bf16) takes before decoded tiles + BLAS win.
 constexpr int64_t kGemvTBf16MaxTokens = 64;
+// The fp32 transposed kernel (gemv_t_cols) takes fp32 and fp16 grads at every token count (4096 x
+// 4096, 2 threads: 0.25 / 0.8 / 5.8 / 45 ms at 2 / 8 / 64 / 512 tokens, against 0.8 / 5.5 / 15 / 92
+// ms for the rows kernel or fp32 tiles + BLAS, whose fp32 GEMM runs at about 190 GFLOP/s here), in
+// groups of this many tokens per task.
+constexpr int64_t kGemvTColsGroupTokens = 24;
 
 // Up to how many tokens the products use the GEMV kernels rather than decoded tiles + BLAS, by
 // activation dtype. Crossovers measured on the 2-core AVX-512 machine, 4096 x 4096: for W x, bf16
