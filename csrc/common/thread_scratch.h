@@ -11,7 +11,7 @@ namespace peftx {
 // The slots, one buffer each per thread:
 //   0, 1: lora adapter_as (an adapter's copy in the activation dtype, A and B);
 //   2, 3: lora's chunked dropout passes (on each worker);
-//   4:    nf4_matmul / nf4_matmul_t's decoded tile of W;
+//   4:    nf4_matmul / nf4_matmul_t's decoded tile of W, or nf4_matmul's fp32 slab of x (rows kernel);
 //   5:    dense_lora_row_norm's block of W + scale B A (where it runs through BLAS).
 constexpr int kScratchSlots = 6;
 constexpr int kNf4TileSlot = 4;

@@ -220,6 +220,27 @@ at::Tensor nf4_matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   if (M == 0 || N == 0 || K == 0) {
     out.zero_();
     if (bias.has_value() && M > 0) out.add_(bias->to(out.scalar_type()));
+  } else if (kt.gemm_rows_f32 != nullptr && K % 128 == 0 && x2.scalar_type() != at::kBFloat16) {
+    // fp32 / fp16 x, any number of tokens: slabs of x laid out in the decode's lane order (fp32, in
+    // this thread's scratch: at most kTileBytes, as the tiles below), each times W decoded in
+    // registers in 4 rows x 4 tokens register tiles.
+    const int64_t slab = cpu::rows_kernel_slab_tokens(K);
+    at::Tensor xp = thread_scratch(kNf4TileSlot, {std::min(M, slab), K}, x2.options().dtype(at::kFloat));
+    float* xpp = xp.data_ptr<float>();
+    const cpu::Dt in_dt = to_dt(x2.scalar_type()), out_dt = to_dt(out.scalar_type());
+    const char* xin = static_cast<const char*>(x2.const_data_ptr());
+    char* yp = static_cast<char*>(out.data_ptr());
+    const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    const float* bp = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
+    for (int64_t m0 = 0; m0 < M; m0 += slab) {
+      const int64_t ms = std::min(slab, M - m0);
+      const char* xm = xin + m0 * K * static_cast<int64_t>(x2.element_size());
+      at::parallel_for(0, ms, 1, [&](int64_t t0, int64_t t1) { kt.perm_x_f32(xm, in_dt, K, t0, t1, K, xpp); });
+      char* ym = yp + m0 * N * static_cast<int64_t>(out.element_size());
+      at::parallel_for(0, (N + 3) / 4, 1, [&](int64_t g0, int64_t g1) {
+        kt.gemm_rows_f32(w, xpp, ms, g0 * 4, std::min(N, g1 * 4), bp, out_dt, ym, N);
+      });
+    }
   } else if (M <= cpu::gemv_tokens(x2.scalar_type() == at::kBFloat16,
                                     kt.gemv_rows_bf16 != nullptr && blocksize >= 64 && K % 64 == 0)) {
     const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();

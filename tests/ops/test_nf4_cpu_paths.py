@@ -221,23 +221,53 @@ def test_transposed_fp32_kernel_is_exact_linear_map(isa, dtype, out_f, in_f, blo
         assert ((got.double() - want).abs() <= bound + 1e-30).all(), (M, (got.double() - want).abs().max())
 
 
+@pytest.mark.parametrize("out_f,in_f,blocksize", [(33, 128, 32), (70, 256, 64), (9, 384, 128), (6, 512, 256),
+                                                   (3, 1024, 4096), (18, 640, 32), (5, 16384, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_fp32_kernel_is_exact_linear_map(isa, dtype, out_f, in_f, blocksize):
+    """fp32 / fp16 x with in_features % 128 == 0, any token count (the rows kernel on AVX-512: x laid
+    out in the decode's lane order, 4 rows x 4 tokens a tile, blocks of 32 tokens):
+    x times the fp32 weight plus bias, exact up to fp32 summation, rounded once to x's dtype. Row
+    tails of 1-3, token tails of 1-3, one and several token blocks, and slabs of x (32 tokens at
+    16384 features: 71 tokens take three). (Other ISAs take fp32 tiles + BLAS
+    and add the bias after rounding: two roundings.)"""
+    gen = torch.Generator().manual_seed(out_f * in_f + blocksize + 1)
+    w = peftx.nf4_quantize(torch.randn(out_f, in_f, generator=gen), blocksize=blocksize)
+    wd = w.dequantize(torch.float32).double()
+    b = torch.randn(out_f, generator=gen).to(dtype)
+    for M in (1, 2, 3, 4, 5, 17, 18, 19, 20, 33, 64, 71):
+        x = torch.randn(M, in_f, generator=gen).to(dtype)
+        got = peftx.nf4_matmul(x, w, b)
+        assert got.dtype == dtype and got.shape == (M, out_f)
+        xw = x.double() @ wd.T
+        want = xw + b.double()
+        u = 2.0 ** -11 if dtype == torch.float16 else 2.0 ** -24
+        bound = 1e-6 * (x.double().abs() @ wd.abs().T + b.double().abs()) + u * want.abs()
+        if isa != "avx512":
+            bound += u * xw.abs()
+        assert ((got.double() - want).abs() <= bound + 1e-30).all(), (M, (got.double() - want).abs().max())
+
+
 def test_results_do_not_depend_on_threads(isa):
     w = peftx.nf4_quantize(torch.randn(257, 512))
     x = torch.randn(3, 512, dtype=torch.bfloat16)
     g = torch.randn(30, 257)  # two token groups of the fp32 transposed kernel
+    xf = torch.randn(40, 512)  # two token blocks of the fp32 rows kernel
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = peftx.nf4_matmul(x, w)
         one_t = peftx.nf4_matmul_t(g, w)
+        one_f = peftx.nf4_matmul(xf, w)
         q1 = peftx.nf4_quantize(torch.randn(300, 300, generator=torch.Generator().manual_seed(1)))
         torch.set_num_threads(max(2, before))
         two = peftx.nf4_matmul(x, w)
         two_t = peftx.nf4_matmul_t(g, w)
+        two_f = peftx.nf4_matmul(xf, w)
         q2 = peftx.nf4_quantize(torch.randn(300, 300, generator=torch.Generator().manual_seed(1)))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one, two) and torch.equal(one_t, two_t)
+    assert torch.equal(one, two) and torch.equal(one_t, two_t) and torch.equal(one_f, two_f)
     assert torch.equal(q1.packed, q2.packed) and torch.equal(q1.absmax, q2.absmax)
 
 

@@ -24,6 +24,9 @@ void gemv_t_rows(const Weight4& w, const float* g, int64_t ldg, int64_t tokens, 
 void gemv_t_bf16(const Weight4& w, const uint16_t* g, int64_t ldg, int64_t tokens, int64_t c0, int64_t c1, float* out);
 void gemv_t_cols(const Weight4& w, const float* g, int64_t ldg, int64_t tokens, int64_t c0, int64_t c1, Dt out_dt,
                  void* out, int64_t ldo);
+void perm_x_f32(const void* x, Dt dt, int64_t ldx, int64_t t0, int64_t t1, int64_t cols, float* out);
+void gemm_rows_f32(const Weight4& w, const float* xp, int64_t tokens, int64_t o0, int64_t o1, const float* bias,
+                   Dt out_dt, void* y, int64_t ldy);
 float dot(const float* a, const float* b, int64_t n);
 void axpy(int nv, const float* c, const float* const* v, int64_t n, float* acc);
 

@@ -28,17 +28,6 @@ namespace {
 constexpr int64_t kChunk = 128;     // features per chunk: 8 accumulators per token
 constexpr int64_t kBlockRows = 32;  // rows per pass over a task's chunks (16 and 64 measured slower)
 
-// Lane d's absmax for row element offset j (a multiple of 128): absmax[(j + 8 d) >> shift], from
-// broadcasts and blends (no permute: the decode's vpermps already fill the shuffle port).
-PEFTX_AVX512_INLINE __m512 lane_scales(const float* absmax, int64_t j, int shift) {
-  const float* a = absmax + (j >> shift);
-  if (shift >= 7) return _mm512_set1_ps(a[0]);
-  if (shift == 6) return _mm512_mask_mov_ps(_mm512_set1_ps(a[0]), 0xff00, _mm512_set1_ps(a[1]));
-  __m512 v = _mm512_mask_mov_ps(_mm512_set1_ps(a[0]), 0x00f0, _mm512_set1_ps(a[1]));
-  v = _mm512_mask_mov_ps(v, 0x0f00, _mm512_set1_ps(a[2]));
-  return _mm512_mask_mov_ps(v, 0xf000, _mm512_set1_ps(a[3]));  // shift == 5: blocksize 32
-}
-
 // Rows [n0, n1) of tokens [0, TT) of g (fp32, row stride ldg) times W's columns [k, k + CW * 128),
 // added to acc_mem (TT x CW * 8 vectors, lanes as above); with `prefetch`, the same columns of the
 // next block's rows are fetched into L1, a whole pass over the task's chunks ahead.
@@ -62,7 +51,7 @@ PEFTX_AVX512 void rows_chunk(const Weight4& w, const float* g, int64_t ldg, int6
     const int64_t j = n * K + k;
 #pragma GCC unroll 2
     for (int c = 0; c < CW; ++c) {
-      const __m512 scale = lane_scales(w.absmax, j + kChunk * c, shift);
+      const __m512 scale = chunk_lane_scales(w.absmax, j + kChunk * c, shift);
       __m512 gs[TT];
 #pragma GCC unroll 4
       for (int t = 0; t < TT; ++t) gs[t] = _mm512_mul_ps(scale, _mm512_set1_ps(g[t * ldg + n]));

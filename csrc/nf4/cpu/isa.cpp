@@ -38,6 +38,8 @@ const Kernels& avx512_kernels() {
                                 avx512::gemv_t_rows,
                                 cpu_has_avx512bf16() ? avx512::gemv_t_bf16 : nullptr,
                                 avx512::gemv_t_cols,
+                                avx512::perm_x_f32,
+                                avx512::gemm_rows_f32,
                                 avx512::dot,
                                 avx512::axpy};
   return table;
@@ -53,6 +55,8 @@ const Kernels& avx2_kernels() {
                                 16,
                                 nullptr,
                                 0,
+                                nullptr,
+                                nullptr,
                                 nullptr,
                                 nullptr,
                                 nullptr,

@@ -78,6 +78,13 @@ struct Kernels {
   // multiples of 128 (nullptr: the kernels above).
   void (*gemv_t_cols)(const Weight4& w, const float* g, int64_t ldg, int64_t tokens, int64_t c0, int64_t c1,
                       Dt out_dt, void* out, int64_t ldo);
+  // Many-token x W^T in fp32 (nullptr: tiles + BLAS): perm_x_f32 writes tokens [t0, t1) of x (dt,
+  // row stride ldx) as fp32 in the kernel's lane order into out [tokens, cols]; gemm_rows_f32 then
+  // gives y[m * ldy + o] = sum_k x[m, k] W[o, k] (+ bias[o]) rounded to out_dt for m < tokens, o in
+  // [o0, o1), with W's fp32 weights code * absmax. cols % 128 == 0.
+  void (*perm_x_f32)(const void* x, Dt dt, int64_t ldx, int64_t t0, int64_t t1, int64_t cols, float* out);
+  void (*gemm_rows_f32)(const Weight4& w, const float* xp, int64_t tokens, int64_t o0, int64_t o1, const float* bias,
+                        Dt out_dt, void* y, int64_t ldy);
   // dot(a, b) over n fp32, and acc[i] += sum_r c[r] * v[r][i] for r < nv (nv <= 4), i < n.
   float (*dot)(const float* a, const float* b, int64_t n);
   void (*axpy)(int nv, const float* c, const float* const* v, int64_t n, float* acc);

@@ -11,6 +11,11 @@ namespace peftx {
 namespace nf4 {
 namespace cpu {
 
+// fp32 / fp16 activations with cols % 128 == 0 on AVX-512 take the fp32 register-tile kernels at
+// every token count instead (gemm_rows_f32 for x W^T, gemv_t_cols for g W): 4096 x 4096, 2 threads,
+// x W^T at 1 / 8 / 16 / 17 / 64 / 512 tokens 0.18 / 0.74 / 1.5 / 1.7 / 6.1 / 50 ms, against
+// 0.21 / 1.4 / 4.1 (GEMV) and 11.7 / 21 / 100 ms (fp32 tiles + BLAS). The limits below apply to
+// bf16, to other shapes and to CPUs without AVX-512.
 // Most tokens (rows of x or of grad) the GEMV kernels take: fp32 activations, and bf16 ones on the
 // scaled-table kernel (blocksize >= 64, cols % 64 == 0; 8 tokens per pass over W).
 constexpr int64_t kGemvMaxTokens = 16;
@@ -37,6 +42,12 @@ inline int64_t gemv_tokens(bool is_bf16, bool scaled_bf16) {
 inline int64_t gemv_t_tokens(bool /*is_bf16*/) { return 8; }
 // Bytes of one decoded tile (2 MiB: an L2's worth; a quarter of a 4096 x 4096 bf16 weight is 8 MiB).
 constexpr int64_t kTileBytes = int64_t(2) << 20;
+
+// Tokens per slab of the fp32 rows kernel (gemm_rows_f32): x's slab in fp32 fits kTileBytes (at
+// least 32 tokens, one token block of the kernel).
+inline int64_t rows_kernel_slab_tokens(int64_t cols) {
+  return std::max<int64_t>(32, kTileBytes / std::max<int64_t>(cols * 4, 1) / 32 * 32);
+}
 
 // Rows of W per tile of nf4_matmul's GEMM path ([rows, cols] in elem-byte elements): a multiple
 // of 16 where the budget allows; at least one row.

@@ -69,7 +69,7 @@ void axpy(int nv, const float* c, const float* const* v, int64_t n, float* acc) 
 }
 
 // No gemv_rows: the products decode a row with `decode` and call `dot` (nf4_cpu.cpp).
-const Kernels kTable = {"scalar", quantize_blocks, double_quantize_blocks, decode, double_dequantize, nullptr, 0, nullptr, 0, nullptr, nullptr, nullptr,
+const Kernels kTable = {"scalar", quantize_blocks, double_quantize_blocks, decode, double_dequantize, nullptr, 0, nullptr, 0, nullptr, nullptr, nullptr, nullptr, nullptr,
                         dot, axpy};
 
 }  // namespace

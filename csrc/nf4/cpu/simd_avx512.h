@@ -64,6 +64,21 @@ PEFTX_AVX512_INLINE __m128i load_bytes16(const uint8_t* p, int64_t bytes) {
   return _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << bytes) - 1u), p);
 }
 
+// --- 128-feature chunks decoded by nibble position (the fp32 register-tile kernels) ---------------
+// A row's 64 bytes of a chunk as 16 dwords: nibble s of dword d (the vector shifted right by 4 s,
+// as a vpermps index) is element 8 d + (s ^ 1) of the chunk, so lane d always holds 8 consecutive
+// elements. Their absmax for a chunk at element offset j (a multiple of 128; blocksize >= 32):
+// absmax[(j + 8 d) >> shift] in lane d, from broadcasts and blends (no permute: the decode's vpermps
+// already fill the shuffle port).
+PEFTX_AVX512_INLINE __m512 chunk_lane_scales(const float* absmax, int64_t j, int shift) {
+  const float* a = absmax + (j >> shift);
+  if (shift >= 7) return _mm512_set1_ps(a[0]);
+  if (shift == 6) return _mm512_mask_mov_ps(_mm512_set1_ps(a[0]), 0xff00, _mm512_set1_ps(a[1]));
+  __m512 v = _mm512_mask_mov_ps(_mm512_set1_ps(a[0]), 0x00f0, _mm512_set1_ps(a[1]));
+  v = _mm512_mask_mov_ps(v, 0x0f00, _mm512_set1_ps(a[2]));
+  return _mm512_mask_mov_ps(v, 0xf000, _mm512_set1_ps(a[3]));  // shift == 5: blocksize 32
+}
+
 // --- fp32 -> 16-bit, bit-identical to host_device.h's bf16_from_float / f16_from_float ----------
 // Rounded bf16 of each lane in its high 16 bits (low bits undefined).
 PEFTX_AVX512_INLINE __m512i bf16_high(__m512 v) {
