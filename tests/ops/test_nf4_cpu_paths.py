@@ -217,7 +217,8 @@ def test_transposed_fp32_kernel_is_exact_linear_map(isa, dtype, out_f, in_f, blo
         got = peftx.nf4_matmul_t(g, w)
         assert got.dtype == dtype and got.shape == (M, in_f)
         want = g.double() @ wd
-        bound = 1e-6 * (g.double().abs() @ wd.abs()) + (2.0 ** -11 if dtype == torch.float16 else 2.0 ** -24) * want.abs()
+        u = 2.0 ** -11 if dtype == torch.float16 else 2.0 ** -24
+        bound = 1e-6 * (g.double().abs() @ wd.abs()) + u * want.abs()
         assert ((got.double() - want).abs() <= bound + 1e-30).all(), (M, (got.double() - want).abs().max())
 
 

@@ -24,10 +24,11 @@ namespace {
 constexpr int64_t kChunk = 128;
 constexpr int kRows = 4, kTokens = 4;
 constexpr int64_t kBlockTokens = 32;
+constexpr int kPrefetchRows = 16;  // rows ahead (4 groups) fetched by a block's last token tile
 
 // Rows o .. o + RW - 1 times tokens 0 .. TM - 1 of xp (lane layout, stride ldx): res[r * TM + m].
 template <int RW, int TM>
-PEFTX_AVX512 void tile(const Weight4& w, const float* xp, int64_t ldx, int64_t o, float* res) {
+PEFTX_AVX512 void tile(const Weight4& w, const float* xp, int64_t ldx, int64_t o, float* res, bool prefetch) {
   const int64_t K = w.cols;
   const int shift = __builtin_ctzll(static_cast<unsigned long long>(w.blocksize));
   const __m512 code = _mm512_loadu_ps(w.code);
@@ -42,6 +43,7 @@ PEFTX_AVX512 void tile(const Weight4& w, const float* xp, int64_t ldx, int64_t o
     __m512 scale[RW];
 #pragma GCC unroll 4
     for (int r = 0; r < RW; ++r) {
+      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(p + (((r + kPrefetchRows) * K + k) >> 1)), _MM_HINT_T0);
       bytes[r] = _mm512_loadu_si512(p + ((r * K + k) >> 1));
       scale[r] = chunk_lane_scales(w.absmax, (o + r) * K + k, shift);
     }
@@ -67,12 +69,13 @@ PEFTX_AVX512 void tile(const Weight4& w, const float* xp, int64_t ldx, int64_t o
 
 // tile<rw, tm> for run-time rw, tm in [1, 4].
 template <int RW>
-PEFTX_AVX512 void tile_n(int tm, const Weight4& w, const float* xp, int64_t ldx, int64_t o, float* res) {
+PEFTX_AVX512 void tile_n(int tm, const Weight4& w, const float* xp, int64_t ldx, int64_t o, float* res,
+                         bool prefetch) {
   switch (tm) {
-    case 1: return tile<RW, 1>(w, xp, ldx, o, res);
-    case 2: return tile<RW, 2>(w, xp, ldx, o, res);
-    case 3: return tile<RW, 3>(w, xp, ldx, o, res);
-    default: return tile<RW, 4>(w, xp, ldx, o, res);
+    case 1: return tile<RW, 1>(w, xp, ldx, o, res, prefetch);
+    case 2: return tile<RW, 2>(w, xp, ldx, o, res, prefetch);
+    case 3: return tile<RW, 3>(w, xp, ldx, o, res, prefetch);
+    default: return tile<RW, 4>(w, xp, ldx, o, res, prefetch);
   }
 }
 
@@ -87,11 +90,15 @@ PEFTX_AVX512 void rows_range(const Weight4& w, const float* xp, int64_t ldx, int
       for (int64_t m0 = b0; m0 < b1; m0 += kTokens) {
         const int tm = static_cast<int>(std::min<int64_t>(kTokens, b1 - m0));
         const float* xm = xp + m0 * ldx;
+        // The block's last token tile fetches the rows kPrefetchRows ahead (DRAM latency: a cold
+        // 4096 x 4096 weight at 1 / 4 / 16 tokens took 0.35 / 0.68 / 1.9 ms without, 0.27 / 0.44 /
+        // 1.55 with; 1 and 2 groups ahead were in between).
+        const bool prefetch = m0 + kTokens >= b1 && o + kRows + kPrefetchRows <= o1;
         switch (rw) {
-          case 1: tile_n<1>(tm, w, xm, ldx, o, res); break;
-          case 2: tile_n<2>(tm, w, xm, ldx, o, res); break;
-          case 3: tile_n<3>(tm, w, xm, ldx, o, res); break;
-          default: tile_n<4>(tm, w, xm, ldx, o, res); break;
+          case 1: tile_n<1>(tm, w, xm, ldx, o, res, prefetch); break;
+          case 2: tile_n<2>(tm, w, xm, ldx, o, res, prefetch); break;
+          case 3: tile_n<3>(tm, w, xm, ldx, o, res, prefetch); break;
+          default: tile_n<4>(tm, w, xm, ldx, o, res, prefetch); break;
         }
         for (int r = 0; r < rw; ++r)
           for (int m = 0; m < tm; ++m) {
