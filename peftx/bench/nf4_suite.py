@@ -74,21 +74,27 @@ def run(quick: bool, progress) -> list[dict]:
     for dtype in (torch.bfloat16, torch.float32):
         dense = [w.to(dtype) for w in weights]
         ours = [peftx.nf4_quantize(w) for w in dense]
-        theirs = []
+        # Two sets of bitsandbytes layers: the eval path repacks a layer's weight for its CPU inference
+        # kernel on first use, and matmul_4bit on a repacked weight takes that kernel too, so
+        # matmul_4bit gets weights no eval forward has touched (its dequantize + linear path).
+        theirs, theirs_fn = [], []
         if bnb:
             for w in dense:
-                lin = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=dtype, quant_type="nf4")
-                lin.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
-                theirs.append(lin.to("cpu").eval())
+                for group in (theirs, theirs_fn):
+                    lin = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=dtype, quant_type="nf4")
+                    lin.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
+                    group.append(lin.to("cpu").eval())
         for M in (1, 16, 512):
             x = torch.randn(M, K).to(dtype)
             xg = x.clone().requires_grad_(True)
             k = ROTATE if M == 1 else 1
-            d, o, t = _cycle(dense[:k]), _cycle(ours[:k]), _cycle(theirs[:k]) if theirs else None
+            d, o = _cycle(dense[:k]), _cycle(ours[:k])
+            t, tf = (_cycle(theirs[:k]), _cycle(theirs_fn[:k])) if theirs else (None, None)
             fns = {"dense torch": lambda: x @ d().T, "peftx": lambda: peftx.nf4_matmul(x, o()),
                    "peftx (autograd)": lambda: _with_grad(lambda: peftx.nf4_matmul(xg, o()))}
             if theirs:
-                fns["bnb matmul_4bit"] = lambda: (lambda m: bnb.matmul_4bit(x, m.weight.t(), quant_state=m.weight.quant_state))(t())
+                fns["bnb matmul_4bit"] = lambda: (lambda m: bnb.matmul_4bit(
+                    x, m.weight.t(), quant_state=m.weight.quant_state))(tf())
                 with torch.no_grad():
                     for m in theirs[:k]:
                         m(x)  # the eval path repacks on first use: not timed
@@ -96,6 +102,9 @@ def run(quick: bool, progress) -> list[dict]:
             with torch.no_grad():
                 rows.append(_row("nf4_matmul", dtype, M, interleaved(fns, repeats), "dense torch",
                                  bytes_read=_weight_bytes(ours[0]) if M == 1 else None))
+            if theirs and dtype != torch.bfloat16:
+                rows[-1]["notes"] = ["bitsandbytes' CPU eval kernel computes in bf16 whatever the input dtype (x and "
+                                     "the weight rounded to bf16); peftx and bnb matmul_4bit multiply in fp32"]
             progress()
         # the input-gradient product g @ W (what backward runs), bf16 only
         if dtype == torch.bfloat16:
