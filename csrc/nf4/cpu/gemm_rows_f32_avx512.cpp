@@ -21,7 +21,7 @@ namespace cpu {
 namespace avx512 {
 namespace {
 
-constexpr int64_t kChunk = 128;
+constexpr int64_t kChunk = kLaneChunk;
 constexpr int kRows = 4, kTokens = 4;
 constexpr int64_t kBlockTokens = 32;
 constexpr int kPrefetchRows = 16;  // rows ahead (4 groups) fetched by a block's last token tile
@@ -110,13 +110,13 @@ PEFTX_AVX512 void rows_range(const Weight4& w, const float* xp, int64_t ldx, int
   }
 }
 
-// 128 values of one chunk in natural order -> lane order (feature 8 d + (s ^ 1) at 16 s + d).
+// 128 values of one chunk in natural order -> lane order (element chunk_lane_element(s, d) at 16 s + d).
 PEFTX_AVX512_INLINE void perm_chunk(const float* in, float* out) {
-  const __m512i base = _mm512_set_epi32(120, 112, 104, 96, 88, 80, 72, 64, 56, 48, 40, 32, 24, 16, 8, 0);
 #pragma GCC unroll 8
   for (int s = 0; s < 8; ++s) {
-    const __m512i idx = _mm512_add_epi32(base, _mm512_set1_epi32(s ^ 1));
-    _mm512_storeu_ps(out + 16 * s, _mm512_i32gather_ps(idx, in, 4));
+    alignas(64) int32_t idx[16];
+    for (int d = 0; d < 16; ++d) idx[d] = chunk_lane_element(s, d);
+    _mm512_storeu_ps(out + 16 * s, _mm512_i32gather_ps(_mm512_load_si512(idx), in, 4));
   }
 }
 

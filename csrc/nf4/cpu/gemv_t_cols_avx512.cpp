@@ -6,9 +6,9 @@
 // Decode: a row's 64 bytes of a chunk are one vector of 16 dwords; the s-th nibble of every dword
 // (the vector shifted right by 4 s) indexes vpermps, which reads only an index's low 4 bits, so
 // 8 shifts and 8 permutes give all 128 weights, exact fp32 code values, with no byte widening.
-// Nibble s of dword d is element 8 d + (s ^ 1) of the chunk (a byte's high nibble is its even
-// element), so accumulator s holds those features in lane d; the permutation is undone once per
-// chunk when it is stored. Each row's weights are scaled per lane by g[m, n] * absmax of the
+// Nibble s of dword d is element chunk_lane_element(s, d) = 8 d + (s ^ 1) of the chunk
+// (simd_avx512.h), so accumulator s holds those features in lane d; the permutation is undone once
+// per chunk when it is stored. Each row's weights are scaled per lane by g[m, n] * absmax of the
 // lane's block (a lane's 8 features share a block: blocksize >= 8).
 // Sums run over rows in order, one fp32 FMA per row: the result does not depend on the threads.
 #include <algorithm>
@@ -25,7 +25,7 @@ namespace cpu {
 namespace avx512 {
 namespace {
 
-constexpr int64_t kChunk = 128;     // features per chunk: 8 accumulators per token
+constexpr int64_t kChunk = kLaneChunk;  // features per chunk: 8 accumulators per token
 constexpr int64_t kBlockRows = 32;  // rows per pass over a task's chunks (16 and 64 measured slower)
 
 // Rows [n0, n1) of tokens [0, TT) of g (fp32, row stride ldg) times W's columns [k, k + CW * 128),
@@ -93,7 +93,7 @@ PEFTX_AVX512 void tile_cols(const Weight4& w, const float* g, int64_t ldg, int64
         for (int s = 0; s < 8; ++s) _mm512_store_ps(lanes[s], acc[(u * TT + t) * CW * 8 + 8 * c + s]);
         T* o = out + t * ldo + c0 + (u * CW + c) * kChunk;
         for (int d = 0; d < 16; ++d)
-          for (int s = 0; s < 8; ++s) store(o + 8 * d + (s ^ 1), lanes[s][d]);
+          for (int s = 0; s < 8; ++s) store(o + chunk_lane_element(s, d), lanes[s][d]);
       }
 }
 

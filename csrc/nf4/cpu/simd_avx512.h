@@ -66,8 +66,11 @@ PEFTX_AVX512_INLINE __m128i load_bytes16(const uint8_t* p, int64_t bytes) {
 
 // --- 128-feature chunks decoded by nibble position (the fp32 register-tile kernels) ---------------
 // A row's 64 bytes of a chunk as 16 dwords: nibble s of dword d (the vector shifted right by 4 s,
-// as a vpermps index) is element 8 d + (s ^ 1) of the chunk, so lane d always holds 8 consecutive
-// elements. Their absmax for a chunk at element offset j (a multiple of 128; blocksize >= 32):
+// as a vpermps index) is element chunk_lane_element(s, d) = 8 d + (s ^ 1) of the chunk (a byte's
+// high nibble is its even element), so lane d always holds 8 consecutive elements.
+constexpr int64_t kLaneChunk = 128;
+constexpr int chunk_lane_element(int s, int d) { return 8 * d + (s ^ 1); }
+// Their absmax for a chunk at element offset j (a multiple of 128; blocksize >= 32):
 // absmax[(j + 8 d) >> shift] in lane d, from broadcasts and blends (no permute: the decode's vpermps
 // already fill the shuffle port).
 PEFTX_AVX512_INLINE __m512 chunk_lane_scales(const float* absmax, int64_t j, int shift) {
